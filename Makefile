@@ -1,0 +1,30 @@
+# `make bench` and `make test` do all the set-up on a fresh machine: a .venv with the pinned CPU
+# dependencies and this package installed in editable mode.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_ARGS ?=
+
+.PHONY: setup bench test audit clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-cpu.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m bench.frame_latency $(BENCH_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+audit: $(STAMP)
+	$(PY) -m bench.audit --arch sm_90a
+
+clean:
+	rm -rf $(VENV) *.egg-info

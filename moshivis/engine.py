@@ -1,0 +1,190 @@
+"""The streaming engine: streams API, Kyutai's delays, per-stream sampling (SPEC.md §7).
+
+One `step` computes one 80 ms frame for any subset of the open streams, batched. Every stream has
+its own state slot, position, token buffer, image and random generator, so its outputs do not depend
+on which other streams share its batch. Every input is checked before any state changes, so a bad
+request fails alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends import get_backend
+from .config import UNGENERATED, ZERO_TOKEN, MoshiVisConfig
+from .image_pool import ImagePool
+from .state import StreamState
+
+
+class StreamError(ValueError):
+    """A request naming an unknown or closed stream, or carrying bad tokens."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Temperature 0 means greedy (argmax, first maximum). Kyutai's defaults."""
+    temperature_text: float = 0.7
+    top_k_text: int = 25
+    temperature_audio: float = 0.8
+    top_k_audio: int = 250
+
+    @classmethod
+    def greedy(cls) -> "SamplingParams":
+        return cls(temperature_text=0.0, temperature_audio=0.0)
+
+    def __post_init__(self):
+        for name in ("temperature_text", "temperature_audio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value == value):
+                raise ValueError(f"sampling {name} must be a number >= 0, got {value!r}")
+        for name in ("top_k_text", "top_k_audio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"sampling {name} must be an integer >= 0 (0 = no top-k), got {value!r}")
+
+
+@dataclass
+class _Stream:
+    slot: int
+    seed: int
+    sampling: SamplingParams
+    generator: torch.Generator
+    image_slot: int = -1
+
+
+class Engine:
+    """Streams API over one model: `open_stream`, `set_image`, `close_stream`, `step`.
+
+    weights: the flat dict of `checkpoint.load` / `random_init`; its dtype and device are the compute
+    dtype and device. max_images: image pool capacity (default: max_streams).
+    """
+
+    def __init__(self, cfg: MoshiVisConfig, weights: dict, max_streams: int = 1, backend: str = "torch",
+                 max_images: int | None = None):
+        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+            raise ValueError(f"max_streams must be a positive integer, got {max_streams!r}")
+        ref = weights["llm.text_emb.weight"]
+        self.cfg, self.weights, self.max_streams = cfg, weights, max_streams
+        self.dtype, self.device = ref.dtype, ref.device
+        self.state = StreamState(cfg, max_streams, self.dtype, self.device)
+        self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device)
+        self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 0
+        c = cfg
+        self._delays = torch.tensor(c.delays, dtype=torch.long, device=self.device)
+        self._initial = torch.tensor([c.text_card] + [c.audio_card] * c.n_q, dtype=torch.long, device=self.device)
+
+    # ---- streams ---------------------------------------------------------------------------------
+    @property
+    def streams(self) -> list[int]:
+        return list(self._streams)
+
+    def open_stream(self, seed: int = 0, image: torch.Tensor | None = None,
+                    sampling: SamplingParams | None = None) -> int:
+        """A new stream id. `image`: image-encoder features [num_image_tokens, image_encoder_dim]."""
+        used = {s.slot for s in self._streams.values()}
+        free = [s for s in range(self.max_streams) if s not in used]
+        if not free:
+            raise StreamError(f"cannot open a stream: all max_streams={self.max_streams} slots are in use")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        image_slot = -1 if image is None else self.pool.acquire(image, "image features of the new stream")
+        stream_id, self._next_id = self._next_id, self._next_id + 1
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        self._streams[stream_id] = _Stream(free[0], int(seed), sampling or SamplingParams(), gen, image_slot)
+        self.state.reset(free[0])
+        return stream_id
+
+    def set_image(self, stream: int, image: torch.Tensor | None) -> None:
+        """Attach, replace (image features) or remove (None) the stream's image, from its next frame."""
+        s = self._get(stream)
+        new = -1 if image is None else self.pool.acquire(image, f"image features for stream {stream}")
+        if s.image_slot >= 0:
+            self.pool.release(s.image_slot)
+        s.image_slot = new
+
+    def close_stream(self, stream: int) -> None:
+        s = self._get(stream)
+        if s.image_slot >= 0:
+            self.pool.release(s.image_slot)
+        del self._streams[stream]
+
+    def _get(self, stream: int) -> _Stream:
+        if stream not in self._streams:
+            state = "closed" if isinstance(stream, int) and 0 <= stream < self._next_id else "unknown"
+            raise StreamError(f"stream id {stream!r} is {state}")
+        return self._streams[stream]
+
+    # ---- one frame ---------------------------------------------------------------------------------
+    def step(self, user_audio_tokens: torch.Tensor, streams: list[int], forced_tokens: torch.Tensor | None = None,
+             return_logits: bool = False):
+        """One frame for `streams` (B of them, in this order).
+
+        user_audio_tokens [B, num_audio_in]: the user's codebooks this frame, in [0, audio_card) or -1
+        (the zero token: no input). forced_tokens [B, 1 + dep_q] (teacher forcing): the model's own
+        text and audio tokens for this frame, used instead of sampling.
+        Returns tokens [B, 1 + dep_q] after delays (-2 during the warm-up frames) and, with
+        `return_logits`, (tokens, text_logits [B, text_card], audio_logits [B, dep_q, audio_card]).
+        """
+        cfg = self.cfg
+        recs = self._check_step(user_audio_tokens, streams, forced_tokens)
+        dev = self.device
+        rows = torch.tensor([r.slot for r in recs], dtype=torch.long, device=dev)
+        image_slots = torch.tensor([r.image_slot for r in recs], dtype=torch.long, device=dev)
+        user = user_audio_tokens.to(device=dev, dtype=torch.long)
+        buf, t = self.state.tokens, self.state.t[rows]
+        ncol = buf.shape[-1]
+        # 1. user tokens enter their rows at their delays.
+        user_rows = torch.arange(1 + cfg.dep_q, 1 + cfg.n_q, device=dev)
+        buf[rows[:, None], user_rows[None, :], (t[:, None] + self._delays[user_rows]) % ncol] = user
+        # 2. rows still inside their delay read the initial token. 3. this frame's input column.
+        cur = (t % ncol)[:, None].expand(-1, 1 + cfg.n_q)
+        all_rows = torch.arange(1 + cfg.n_q, device=dev)[None, :]
+        inputs = torch.where(t[:, None] <= self._delays[None, :], self._initial[None, :], buf[rows[:, None], all_rows, cur])
+        buf[rows[:, None], all_rows, cur] = inputs
+        # 4. the model.
+        forced = None if forced_tokens is None else forced_tokens.to(device=dev, dtype=torch.long)
+        tokens, text_logits, audio_logits = self.backend.frame(
+            inputs, rows, image_slots, [r.sampling for r in recs], [r.generator for r in recs], forced)
+        # 5. the model's tokens enter the next column; 6. read the delayed output.
+        own_rows = torch.arange(1 + cfg.dep_q, device=dev)[None, :]
+        buf[rows[:, None], own_rows, ((t + 1) % ncol)[:, None]] = tokens
+        t = t + 1
+        self.state.t[rows] = t
+        out_col = (t[:, None] - cfg.max_delay + self._delays[None, : 1 + cfg.dep_q]) % ncol
+        out = buf[rows[:, None], own_rows, out_col]
+        out = torch.where(t[:, None] <= cfg.max_delay, torch.full_like(out, UNGENERATED), out)
+        return (out, text_logits, audio_logits) if return_logits else out
+
+    def _check_step(self, user, streams, forced):
+        cfg = self.cfg
+        if not isinstance(streams, (list, tuple)) or not streams:
+            raise StreamError(f"streams must be a non-empty list of stream ids, got {streams!r}")
+        if len(set(streams)) != len(streams):
+            raise StreamError(f"stream ids repeated in one step: {list(streams)}")
+        recs = [self._get(s) for s in streams]
+        B = len(streams)
+        self._check_tokens(user, "user_audio_tokens", streams, (B, cfg.num_audio_in),
+                           [cfg.audio_card] * cfg.num_audio_in)
+        if forced is not None:
+            self._check_tokens(forced, "forced_tokens", streams, (B, 1 + cfg.dep_q),
+                               [cfg.text_card] + [cfg.audio_card] * cfg.dep_q)
+        return recs
+
+    @staticmethod
+    def _check_tokens(tokens, what, streams, shape, cards):
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+                or tokens.dtype == torch.bool:
+            raise StreamError(f"{what} must be an integer tensor, got "
+                              f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tuple(tokens.shape) != shape:
+            raise StreamError(f"{what} must have shape {list(shape)}, got {list(tokens.shape)}")
+        host = tokens.detach().cpu()
+        cards_t = torch.tensor(cards)
+        bad = (host < ZERO_TOKEN) | (host >= cards_t[None, :])
+        if bool(bad.any()):
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise StreamError(f"{what}: token {int(host[b, j])} of stream {streams[b]} at codebook {j} is out "
+                              f"of range [-1, {cards[j]})")

@@ -1,0 +1,72 @@
+"""The static image KV pool: each image's K/V computed once, stored once, shared by its streams."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from . import reference
+from .config import MoshiVisConfig
+
+
+class ImageError(ValueError):
+    """Bad image features, or no room left in the pool."""
+
+
+class ImagePool:
+    """`kv` [capacity, N, 2, heads, head_dim]: one preallocated buffer of image K/V slots.
+
+    Identical features (same bytes) attached by several streams share one slot (content hash +
+    refcount); a slot is freed when its last stream lets go of it.
+    """
+
+    def __init__(self, cfg: MoshiVisConfig, weights: dict, capacity: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.cfg, self.weights, self.capacity = cfg, weights, capacity
+        self.kv = torch.zeros(capacity, cfg.num_image_tokens, 2, cfg.num_heads, cfg.head_dim,
+                              dtype=dtype, device=device)
+        self.refcount = [0] * capacity
+        self._slot_of: dict[str, int] = {}
+        self._digest_of: dict[int, str] = {}
+
+    @property
+    def used(self) -> int:
+        return sum(1 for r in self.refcount if r > 0)
+
+    def check_features(self, features: torch.Tensor, what: str = "image features") -> torch.Tensor:
+        cfg = self.cfg
+        if not isinstance(features, torch.Tensor):
+            raise ImageError(f"{what} must be a torch.Tensor, got {type(features).__name__}")
+        if not features.is_floating_point():
+            raise ImageError(f"{what} must be floating point, got dtype {features.dtype}")
+        shape = (cfg.num_image_tokens, cfg.image_encoder_dim)
+        if tuple(features.shape) != shape:
+            raise ImageError(f"{what} must have shape {list(shape)} (image tokens x encoder dim), "
+                             f"got {list(features.shape)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ImageError(f"{what} contain NaN or infinite values")
+        return features
+
+    def acquire(self, features: torch.Tensor, what: str = "image features") -> int:
+        """Slot holding these features' K/V: an existing one with the same content, else a new one."""
+        self.check_features(features, what)
+        digest = hashlib.sha256(features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+        slot = self._slot_of.get(digest)
+        if slot is None:
+            free = [s for s, r in enumerate(self.refcount) if r == 0]
+            if not free:
+                raise ImageError(f"image pool is full ({self.capacity} distinct images in use); "
+                                 "close a stream or remove an image first")
+            slot = free[0]
+            f = features.to(device=self.kv.device, dtype=self.kv.dtype)
+            self.kv[slot] = reference.image_kv(self.weights, self.cfg, f)
+            self._slot_of[digest], self._digest_of[slot] = slot, digest
+        self.refcount[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.capacity or self.refcount[slot] <= 0:
+            raise ImageError(f"image slot {slot} is not in use")
+        self.refcount[slot] -= 1
+        if self.refcount[slot] == 0:
+            del self._slot_of[self._digest_of.pop(slot)]

@@ -1,0 +1,189 @@
+"""The plain PyTorch MoshiVis: the tolerance anchor for every kernel (SPEC.md §3-§7).
+
+Functions of tensors, batched over streams (one token per stream per frame), clear over clever.
+Weights are the flat dict of `checkpoint.load`, keyed as in Kyutai's checkpoint. Linears run in the
+weights' dtype; norms, RoPE angles and softmax in float32, as Kyutai's code does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import XA
+from .config import MoshiVisConfig
+
+TEMPORAL_EPS = 1e-8
+DEPFORMER_EPS = 1e-8
+NORM_XA_EPS = 1e-5
+
+
+# ---- norms (SPEC.md §3) -------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float = TEMPORAL_EPS) -> torch.Tensor:
+    """Temporal norm: x * alpha * rsqrt(mean(x^2) + eps), computed in float32."""
+    xf = x.float()
+    y = xf * alpha.float().reshape(-1) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype)
+
+
+def var_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float, in_fp32: bool = True) -> torch.Tensor:
+    """Depformer norm (fp32, eps 1e-8) and `norm_xa` (input dtype, eps 1e-5): the unbiased variance."""
+    xc = x.float() if in_fp32 else x
+    var = xc.var(-1, unbiased=True, keepdim=True)
+    y = xc * alpha.to(xc.dtype).reshape(-1) * torch.rsqrt(var + eps)
+    return y.to(x.dtype)
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+def rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    """Interleaved RoPE: pair (2i, 2i+1) of each head rotated by p * max_period^(-2i/head_dim).
+
+    x [B, H, D], positions [B] (frames since the stream started). Angles in float32.
+    """
+    d = x.shape[-1]
+    freqs = torch.exp(torch.arange(d // 2, device=x.device, dtype=torch.float32) * (-math.log(max_period) * 2 / d))
+    angle = positions.to(torch.float32)[:, None, None] * freqs  # [B, 1, D/2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    xr, xi = x.float().unflatten(-1, (d // 2, 2)).unbind(-1)
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q.k / sqrt(D)) v for one query per row, in float32.
+
+    q [B, H, D]; k, v [B, T, H, D]; mask [B, T] (True = visible) or None. Returns [B, H, D].
+    """
+    scores = torch.einsum("bhd,bthd->bht", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("bht,bthd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """linear_out(silu(u[:hidden]) * u[hidden:]) with u = linear_in(x)."""
+    gate, up = F.linear(x, w_in).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_out)
+
+
+def embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Embedding lookup where the zero token (-1) gives exact zeros."""
+    out = F.embedding(tokens.clamp(min=0), table)
+    return out.masked_fill((tokens < 0)[..., None], 0.0)
+
+
+# ---- image path (SPEC.md §5) --------------------------------------------------------------------
+def image_embeddings(w: dict, features: torch.Tensor) -> torch.Tensor:
+    """norm_xa(proj_xa(features)): [..., N, image_encoder_dim] -> [..., N, dim]."""
+    e = F.linear(features, w["image_prefix.proj_xa.weight"], w["image_prefix.proj_xa.bias"])
+    return var_norm(e, w["image_prefix.norm_xa.alpha"], NORM_XA_EPS, in_fp32=False)
+
+
+def image_kv(w: dict, cfg: MoshiVisConfig, features: torch.Tensor) -> torch.Tensor:
+    """The static image KV cache: [..., N, 2, heads, head_dim] (K then V), shared by all layers."""
+    e = image_embeddings(w, features)
+    wkv = w[f"{XA}.in_proj_weight"][cfg.dim:]  # rows [dim, 3*dim): Wk then Wv
+    kv = F.linear(e, wkv)  # [..., N, 2*dim]
+    return kv.unflatten(-1, (2, cfg.num_heads, cfg.head_dim))
+
+
+# ---- temporal transformer (SPEC.md §4) ----------------------------------------------------------
+def embed_inputs(w: dict, cfg: MoshiVisConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Sum of the 17 input embeddings: tokens [B, 1 + n_q] -> [B, dim]."""
+    x = embed(w["llm.text_emb.weight"], tokens[:, 0])
+    for j in range(cfg.n_q):
+        x = x + embed(w[f"audio_emb.{j}.weight"], tokens[:, 1 + j])
+    return x
+
+
+def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cache: torch.Tensor,
+                   rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Layer i's self-attention block with its residual, for B streams.
+
+    kv_cache [S, 2, context, H, D] is layer i's ring buffer for all slots (updated in place): the key of
+    absolute position p lives at index p % context. rows [B] are the streams' slots, positions [B]
+    their absolute positions. The visible window is positions p-context+1 .. p.
+    """
+    p = f"llm.transformer.layers.{i}"
+    B, H, D, ctx = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.context
+    qkv = F.linear(rms_norm(x, w[f"{p}.norm1.alpha"]), w[f"{p}.self_attn.in_proj_weight"])
+    q, k, v = qkv.view(B, 3, H, D).unbind(1)
+    q, k = rope(q, positions, cfg.max_period), rope(k, positions, cfg.max_period)
+    kv_cache[rows, 0, positions % ctx] = k
+    kv_cache[rows, 1, positions % ctx] = v
+    keys, values = kv_cache[rows].unbind(1)  # [B, context, H, D]
+    visible = torch.arange(ctx, device=x.device)[None, :] <= positions[:, None]
+    attn = attention(q, keys, values, visible)
+    return x + F.linear(attn.reshape(B, H * D), w[f"{p}.self_attn.out_proj.weight"])
+
+
+def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
+                    image_kv_rows: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    """Layer i's gated cross-attention with its residual (SPEC.md §4.2).
+
+    image_kv_rows [B, N, 2, H, D]: each stream's image K/V (anything where has_image [B] is False:
+    those rows are returned unchanged, as Kyutai skips the block without an image).
+    """
+    p = f"llm.transformer.layers.{i}"
+    B, H, D = x.shape[0], cfg.num_heads, cfg.head_dim
+    wq = w[f"{XA}.in_proj_weight"][: cfg.dim]
+    q = F.linear(rms_norm(x, w[f"{p}.norm_cross.alpha"]), wq).view(B, H, D)
+    attn = attention(q, image_kv_rows[:, :, 0], image_kv_rows[:, :, 1])
+    a = F.linear(attn.reshape(B, H * D), w[f"{XA}.out_proj.weight"])
+    hidden = F.relu(F.linear(a, w[f"{p}.cross_attention.gate.alpha.0.weight"]))
+    g = torch.sigmoid(F.linear(hidden, w[f"{p}.cross_attention.gate.alpha.2.weight"]) - 4)
+    return torch.where(has_image[:, None], x + a * g, x)
+
+
+def ffn(w: dict, i: int, x: torch.Tensor) -> torch.Tensor:
+    p = f"llm.transformer.layers.{i}"
+    y = rms_norm(x, w[f"{p}.norm2.alpha"])
+    return x + swiglu(y, w[f"{p}.gating.linear_in.weight"], w[f"{p}.gating.linear_out.weight"])
+
+
+def text_logits(w: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = out_norm(x) and the text logits [B, text_card] (float32)."""
+    h = rms_norm(x, w["llm.out_norm.alpha"])
+    return h, F.linear(h, w["llm.text_linear.weight"]).float()
+
+
+# ---- depformer (SPEC.md §6) ---------------------------------------------------------------------
+def depformer_step(w: dict, cfg: MoshiVisConfig, k: int, h: torch.Tensor, prev_token: torch.Tensor,
+                   cache: torch.Tensor) -> torch.Tensor:
+    """Codebook step k for B streams: returns the audio logits [B, audio_card] (float32).
+
+    h [B, dim] the temporal output; prev_token [B] the text token (k = 0) or audio token k-1;
+    cache [L, B, 2, dep_q, H, D] this frame's depformer K/V (entry k written here).
+    """
+    dd, H, D = cfg.depformer_dim, cfg.depformer_num_heads, cfg.depformer_head_dim
+    B = h.shape[0]
+    table = w["depformer_text_emb.weight"] if k == 0 else w[f"depformer_emb.{k - 1}.weight"]
+    x = F.linear(h, w[f"depformer_in.{k}.weight"]) + embed(table, prev_token)
+    visible = torch.arange(cfg.dep_q, device=h.device)[None, :].expand(B, -1) <= k
+    for l in range(cfg.depformer_num_layers):
+        p = f"depformer.layers.{l}"
+        y = var_norm(x, w[f"{p}.norm1.alpha"], DEPFORMER_EPS)
+        w_qkv = w[f"{p}.self_attn.in_proj_weight"][3 * dd * k: 3 * dd * (k + 1)]
+        q, kk, v = F.linear(y, w_qkv).view(B, 3, H, D).unbind(1)
+        cache[l, :, 0, k], cache[l, :, 1, k] = kk, v
+        attn = attention(q, cache[l, :, 0], cache[l, :, 1], visible)
+        w_out = w[f"{p}.self_attn.out_proj.weight"][dd * k: dd * (k + 1)]
+        x = x + F.linear(attn.reshape(B, dd), w_out)
+        y = var_norm(x, w[f"{p}.norm2.alpha"], DEPFORMER_EPS)
+        x = x + swiglu(y, w[f"{p}.gating.{k}.linear_in.weight"], w[f"{p}.gating.{k}.linear_out.weight"])
+    return F.linear(x, w[f"audio_linears.{k}.weight"]).float()
+
+
+# ---- sampling (SPEC.md §7) ----------------------------------------------------------------------
+def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+    """One token from logits [V]: argmax (first maximum) at temperature 0, else top-k of
+    softmax(l / T) drawn by the exponential race argmax(p / q), q ~ Exp(1)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if 0 < top_k < probs.shape[-1]:
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, torch.topk(probs, top_k).indices, True)
+        probs = probs.masked_fill(~keep, 0.0)
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int(torch.argmax(probs / q))
