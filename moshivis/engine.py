@@ -90,7 +90,7 @@ class Engine:
             raise StreamError(f"cannot open a stream: all max_streams={self.max_streams} slots are in use")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        image_slot = -1 if image is None else self.pool.acquire(image, "image features of the new stream")
+        image_slot = self.pool.swap(-1, image, "image features of the new stream")
         stream_id, self._next_id = self._next_id, self._next_id + 1
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         self._streams[stream_id] = _Stream(free[0], int(seed), sampling or SamplingParams(), gen, image_slot)
@@ -100,15 +100,10 @@ class Engine:
     def set_image(self, stream: int, image: torch.Tensor | None) -> None:
         """Attach, replace (image features) or remove (None) the stream's image, from its next frame."""
         s = self._get(stream)
-        new = -1 if image is None else self.pool.acquire(image, f"image features for stream {stream}")
-        if s.image_slot >= 0:
-            self.pool.release(s.image_slot)
-        s.image_slot = new
+        s.image_slot = self.pool.swap(s.image_slot, image, f"image features for stream {stream}")
 
     def close_stream(self, stream: int) -> None:
-        s = self._get(stream)
-        if s.image_slot >= 0:
-            self.pool.release(s.image_slot)
+        self.pool.swap(self._get(stream).image_slot, None)
         del self._streams[stream]
 
     def _get(self, stream: int) -> _Stream:

@@ -47,13 +47,25 @@ class ImagePool:
             raise ImageError(f"{what} contain NaN or infinite values")
         return features
 
-    def acquire(self, features: torch.Tensor, what: str = "image features") -> int:
-        """Slot holding these features' K/V: an existing one with the same content, else a new one."""
+    def swap(self, old: int, features: torch.Tensor | None, what: str = "image features") -> int:
+        """Let go of slot `old` (-1: none) and take the slot of `features` (None: no image).
+
+        Identical features share a slot (content hash + refcount). A new image takes a free slot,
+        or `old` itself when nothing else holds it, so replacing an image never needs a spare slot.
+        Bad features or a full pool raise before anything changes.
+        """
+        if features is None:
+            if old >= 0:
+                self.release(old)
+            return -1
         self.check_features(features, what)
         digest = hashlib.sha256(features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
         slot = self._slot_of.get(digest)
         if slot is None:
             free = [s for s, r in enumerate(self.refcount) if r == 0]
+            if not free and old >= 0 and self.refcount[old] == 1:
+                self.release(old)  # the caller's own image goes anyway: reuse its slot
+                free, old = [old], -1
             if not free:
                 raise ImageError(f"image pool is full ({self.capacity} distinct images in use); "
                                  "close a stream or remove an image first")
@@ -62,6 +74,8 @@ class ImagePool:
             self.kv[slot] = reference.image_kv(self.weights, self.cfg, f)
             self._slot_of[digest], self._digest_of[slot] = slot, digest
         self.refcount[slot] += 1
+        if old >= 0:
+            self.release(old)
         return slot
 
     def release(self, slot: int) -> None:

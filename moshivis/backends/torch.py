@@ -1,27 +1,13 @@
 """The `torch` backend: one frame computed with the reference ops on the shared state."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .. import reference as R
 from ..config import MoshiVisConfig
 from ..image_pool import ImagePool
+from ..profiling import phase
 from ..state import StreamState
-
-
-@contextmanager
-def phase(name: str):
-    """An NVTX range around a phase of the frame, so a profiler timeline reads like the model."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
 
 
 class TorchBackend:

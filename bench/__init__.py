@@ -1,0 +1,1 @@
+"""Benchmarks: per-frame latency, concurrency, kernels, static audit (see README)."""

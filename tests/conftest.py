@@ -1,0 +1,44 @@
+"""Shared fixtures. The golden set is `../shared/golden/tiny` beside the repository (or
+$MOSHIVIS_GOLDEN); a missing golden set is a test failure, never a skip."""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import moshivis_kernels  # noqa: F401  (sets TRITON_INTERPRET on CPU before any kernel is defined)
+from moshivis import MoshiVisConfig, checkpoint
+from moshivis.replay import read_stream
+
+GOLDEN = Path(os.environ.get("MOSHIVIS_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN / "config.json").exists():
+        pytest.fail(f"golden set not found at {GOLDEN} (set MOSHIVIS_GOLDEN)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(golden_dir) -> MoshiVisConfig:
+    return MoshiVisConfig.from_json(golden_dir / "config.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(golden_dir, tiny_cfg) -> dict[str, torch.Tensor]:
+    return checkpoint.load(golden_dir / "model.safetensors", tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def golden_streams(golden_dir) -> dict[str, dict[str, torch.Tensor]]:
+    return {f.stem: read_stream(f) for f in sorted(golden_dir.glob("stream_*.safetensors"))}
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's name: fresh inputs per test, reproducible runs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,167 @@
+"""The streaming engine: stream lifecycle, images, sampling, and bad input that fails alone.
+
+The oracle is the golden tiny set (Kyutai's outputs) and the engine's own uninterrupted runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moshivis import Engine, ImageError, SamplingParams, StreamError
+from moshivis.replay import run_stream
+
+GREEDY = SamplingParams.greedy()
+
+
+@pytest.fixture
+def engine(tiny_cfg, tiny_weights):
+    return Engine(tiny_cfg, tiny_weights, max_streams=3)
+
+
+def step_all(engine, ids, user, t):
+    return engine.step(user[:, :, t], ids, return_logits=True)
+
+
+def test_bad_requests_fail_alone_and_leave_other_streams_intact(engine, golden_streams, tiny_cfg):
+    """Interleave every kind of bad request with a golden stream; its outputs must not change."""
+    s = golden_streams["stream_image_b2"]
+    user, feats = s["user_audio_tokens"], s["image_features"]
+    ids = [engine.open_stream(sampling=GREEDY, image=feats[b]) for b in range(2)]
+    closed = engine.open_stream()
+    engine.close_stream(closed)
+    bystander = engine.open_stream(seed=7)
+    bad_image = feats[0].clone()
+    bad_image[3, 5] = float("nan")
+    n, c = tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim
+    bad_calls = [
+        (StreamError, r"token 40 of stream 1 at codebook 3 is out of range \[-1, 40\)",
+         lambda: engine.step(user[:, :, 0].index_put((torch.tensor(1), torch.tensor(3)), torch.tensor(40)), ids)),
+        (StreamError, r"token -5 of stream 0 at codebook 0",
+         lambda: engine.step(user[:, :, 0].index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(-5)), ids)),
+        (StreamError, r"user_audio_tokens must have shape \[2, 8\], got \[2, 7\]",
+         lambda: engine.step(user[:, :7, 0], ids)),
+        (StreamError, r"user_audio_tokens must be an integer tensor",
+         lambda: engine.step(user[:, :, 0].float(), ids)),
+        (StreamError, rf"stream id {closed} is closed", lambda: engine.step(user[:, :, 0], [ids[0], closed])),
+        (StreamError, r"stream id 99 is unknown", lambda: engine.step(user[:, :, 0], [ids[0], 99])),
+        (StreamError, r"repeated", lambda: engine.step(user[:, :, 0], [ids[0], ids[0]])),
+        (StreamError, r"stream id 99 is unknown", lambda: engine.set_image(99, None)),
+        (StreamError, rf"stream id {closed} is closed", lambda: engine.close_stream(closed)),
+        (StreamError, r"all max_streams=3 slots are in use", lambda: engine.open_stream()),
+        (ImageError, rf"image features for stream {ids[1]} must have shape \[{n}, {c}\]",
+         lambda: engine.set_image(ids[1], feats[0, :, :-1])),
+        (ImageError, r"must be floating point, got dtype torch.int64",
+         lambda: engine.set_image(ids[1], feats[0].long())),
+        (ImageError, r"NaN or infinite", lambda: engine.set_image(ids[1], bad_image)),
+        (StreamError, r"forced_tokens: token 48 of stream 0 at codebook 0",
+         lambda: engine.step(user[:, :, 0], ids, forced_tokens=torch.full((2, 9), 48))),
+    ]
+    got = []
+    for t in range(user.shape[-1]):
+        if t < len(bad_calls):
+            err, match, call = bad_calls[t]
+            with pytest.raises(err, match=match):
+                call()
+        got.append(step_all(engine, ids, user, t))
+    assert torch.equal(torch.stack([g[0] for g in got], -1), s["output_tokens"])
+    torch.testing.assert_close(torch.stack([g[1] for g in got], 1), s["text_logits"], atol=1e-4, rtol=0)
+    assert bystander in engine.streams
+
+
+def test_more_streams_than_max_streams(tiny_cfg, tiny_weights):
+    engine = Engine(tiny_cfg, tiny_weights, max_streams=2)
+    a, b = engine.open_stream(), engine.open_stream()
+    with pytest.raises(StreamError, match="max_streams=2"):
+        engine.open_stream()
+    engine.close_stream(a)
+    c = engine.open_stream()  # the freed slot is reused, as a fresh stream
+    assert c not in (a, b) and len(engine.streams) == 2
+
+
+def test_engine_rejects_bad_construction(tiny_cfg, tiny_weights):
+    with pytest.raises(ValueError, match="max_streams must be a positive integer, got 0"):
+        Engine(tiny_cfg, tiny_weights, max_streams=0)
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        Engine(tiny_cfg, tiny_weights, backend="jax")
+
+
+def test_reused_slot_starts_fresh(engine, golden_streams):
+    """A stream opened in a slot another stream used must see none of its K/V or tokens."""
+    s = golden_streams["stream_noimage_b1"]
+    first = run_stream(engine, s)  # opens, runs 14 frames and closes
+    again = run_stream(engine, s)
+    assert torch.equal(first["output_tokens"], again["output_tokens"])
+    assert torch.equal(first["text_logits"], again["text_logits"])
+
+
+def test_set_image_takes_effect_at_the_next_frame(engine, golden_streams):
+    """Teacher-forced, a stream without an image follows the no-image golden run until the image
+    arrives; from that frame on it differs."""
+    noimg, img = golden_streams["stream_noimage_b1"], golden_streams["stream_image_b2"]
+    user, forced = noimg["user_audio_tokens"], noimg["sampled_tokens"]
+    sid = engine.open_stream(sampling=GREEDY)
+    attach_at = 4
+    text = []
+    for t in range(user.shape[-1]):
+        if t == attach_at:
+            engine.set_image(sid, img["image_features"][0])
+        _, tl, _ = engine.step(user[:, :, t], [sid], forced_tokens=forced[:, :, t], return_logits=True)
+        text.append(tl[0])
+    text = torch.stack(text)
+    torch.testing.assert_close(text[:attach_at], noimg["text_logits"][0, :attach_at], atol=1e-4, rtol=0)
+    assert (text[attach_at] - noimg["text_logits"][0, attach_at]).abs().max() > 1e-3
+
+
+def test_image_pool_dedup_replace_release_and_full(tiny_cfg, tiny_weights, gen):
+    from moshivis.reference import image_kv
+    engine = Engine(tiny_cfg, tiny_weights, max_streams=4, max_images=2)
+    feats = [torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen) for _ in range(3)]
+    a = engine.open_stream(image=feats[0])
+    b = engine.open_stream(image=feats[0].clone())  # same content: stored once
+    assert engine.pool.used == 1 and engine._streams[a].image_slot == engine._streams[b].image_slot
+    c = engine.open_stream(image=feats[1])
+    assert engine.pool.used == 2
+    with pytest.raises(ImageError, match="image pool is full"):
+        engine.open_stream(image=feats[2])
+    assert len(engine.streams) == 3  # the refused stream took nothing
+    with pytest.raises(ImageError, match="image pool is full"):
+        engine.set_image(a, feats[2])  # a's slot is shared with b: it cannot be overwritten
+    assert engine._streams[a].image_slot == engine._streams[b].image_slot and engine.pool.refcount.count(2) == 1
+    engine.close_stream(a)
+    assert engine.pool.used == 2  # b still holds the shared image
+    old = engine._streams[b].image_slot
+    engine.set_image(b, feats[2])  # b alone holds its slot: replacing reuses it, no spare needed
+    assert engine._streams[b].image_slot == old and engine.pool.used == 2
+    torch.testing.assert_close(engine.pool.kv[old], image_kv(tiny_weights, tiny_cfg, feats[2]), atol=0, rtol=0)
+    engine.set_image(c, None)
+    assert engine.pool.used == 1
+    engine.close_stream(b)
+    assert engine.pool.used == 0
+
+
+def test_sampling_is_per_stream_reproducible(tiny_cfg, tiny_weights, golden_streams):
+    """Same seed, same tokens, whether the stream runs alone or beside others, in any position."""
+    s = golden_streams["stream_image_b2"]
+    user, feats = s["user_audio_tokens"], s["image_features"]
+    frames = user.shape[-1]
+
+    def run(order, seeds):
+        engine = Engine(tiny_cfg, tiny_weights, max_streams=3)
+        ids = [engine.open_stream(seed=seeds[r], image=feats[r % 2]) for r in order]
+        toks = [engine.step(user[[r % 2 for r in order], :, t], ids) for t in range(frames)]
+        return torch.stack(toks, -1)
+
+    alone = run([0], {0: 11})[0]
+    batched = run([2, 1, 0], {0: 11, 1: 5, 2: 6})
+    assert torch.equal(batched[2], alone)
+    other_seed = run([0], {0: 12})[0]
+    assert not torch.equal(other_seed, alone)
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="temperature_text must be a number >= 0"):
+        SamplingParams(temperature_text=-1)
+    with pytest.raises(ValueError, match="top_k_audio must be an integer >= 0"):
+        SamplingParams(top_k_audio=2.5)
+    with pytest.raises(ValueError, match="temperature_audio"):
+        SamplingParams(temperature_audio=float("nan"))
