@@ -1,8 +1,9 @@
 """The streaming engine: streams API, Kyutai's delays, per-stream sampling (SPEC.md §7).
 
 One `step` computes one 80 ms frame for any subset of the open streams, batched. Every stream has
-its own state slot, position, token buffer, image and random generator, so its outputs do not depend
-on which other streams share its batch. Every input is checked before any state changes, so a bad
+its own state slot, position, token buffer, image and seed; its random numbers are a function of
+(seed, frame, codebook) (counter-based Philox, see `moshivis_kernels.sampling`), so its outputs do not
+depend on which other streams share its batch, and both backends draw the same tokens. Every input is checked before any state changes, so a bad
 request fails alone.
 """
 from __future__ import annotations
@@ -47,9 +48,6 @@ class SamplingParams:
 @dataclass
 class _Stream:
     slot: int
-    seed: int
-    sampling: SamplingParams
-    generator: torch.Generator
     image_slot: int = -1
 
 
@@ -88,13 +86,16 @@ class Engine:
         free = [s for s in range(self.max_streams) if s not in used]
         if not free:
             raise StreamError(f"cannot open a stream: all max_streams={self.max_streams} slots are in use")
-        if sampling is not None and not isinstance(sampling, SamplingParams):
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise StreamError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         image_slot = self.pool.swap(-1, image, "image features of the new stream")
         stream_id, self._next_id = self._next_id, self._next_id + 1
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        self._streams[stream_id] = _Stream(free[0], int(seed), sampling or SamplingParams(), gen, image_slot)
-        self.state.reset(free[0])
+        self._streams[stream_id] = _Stream(free[0], image_slot)
+        self.state.reset(free[0], seed, (sampling.temperature_text, sampling.temperature_audio),
+                         (sampling.top_k_text, sampling.top_k_audio))
         return stream_id
 
     def set_image(self, stream: int, image: torch.Tensor | None) -> None:
@@ -141,8 +142,7 @@ class Engine:
         buf[rows[:, None], all_rows, cur] = inputs
         # 4. the model.
         forced = None if forced_tokens is None else forced_tokens.to(device=dev, dtype=torch.long)
-        tokens, text_logits, audio_logits = self.backend.frame(
-            inputs, rows, image_slots, [r.sampling for r in recs], [r.generator for r in recs], forced)
+        tokens, text_logits, audio_logits = self.backend.frame(inputs, rows, image_slots, forced)
         # 5. the model's tokens enter the next column; 6. read the delayed output.
         own_rows = torch.arange(1 + cfg.dep_q, device=dev)[None, :]
         buf[rows[:, None], own_rows, ((t + 1) % ncol)[:, None]] = tokens

@@ -176,14 +176,5 @@ def depformer_step(w: dict, cfg: MoshiVisConfig, k: int, h: torch.Tensor, prev_t
 
 
 # ---- sampling (SPEC.md §7) ----------------------------------------------------------------------
-def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
-    """One token from logits [V]: argmax (first maximum) at temperature 0, else top-k of
-    softmax(l / T) drawn by the exponential race argmax(p / q), q ~ Exp(1)."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if 0 < top_k < probs.shape[-1]:
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, torch.topk(probs, top_k).indices, True)
-        probs = probs.masked_fill(~keep, 0.0)
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return int(torch.argmax(probs / q))
+# Sampling's reference is `moshivis_kernels.sampling.sample_tokens_reference`: plain PyTorch beside its
+# kernel, drawing with the same counter-based random numbers so both backends give the same tokens.

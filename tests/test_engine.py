@@ -158,7 +158,10 @@ def test_sampling_is_per_stream_reproducible(tiny_cfg, tiny_weights, golden_stre
     assert not torch.equal(other_seed, alone)
 
 
-def test_sampling_params_validation():
+def test_sampling_params_validation(engine):
+    with pytest.raises(StreamError, match=r"seed must be an integer in \[0, 2\*\*63\), got -1"):
+        engine.open_stream(seed=-1)
+    assert engine.streams == []
     with pytest.raises(ValueError, match="temperature_text must be a number >= 0"):
         SamplingParams(temperature_text=-1)
     with pytest.raises(ValueError, match="top_k_audio must be an integer >= 0"):

@@ -48,29 +48,6 @@ def test_embed_zero_token_gives_exact_zeros(gen):
     assert torch.equal(out[0, 0], table[3]) and torch.equal(out[0, 1], torch.zeros(4))
 
 
-def test_sample_greedy_first_maximum_and_top_k(gen):
-    logits = torch.tensor([0.5, 2.0, -1.0, 2.0])
-    assert R.sample(logits, 0.0, 0, None) == 1
-    logits = torch.randn(50, generator=gen)
-    top = set(torch.topk(logits, 3).indices.tolist())
-    g = torch.Generator().manual_seed(0)
-    draws = [R.sample(logits, 1.0, 3, g) for _ in range(300)]
-    assert set(draws) <= top and len(set(draws)) > 1
-
-
-def test_sample_distribution_is_softmax_of_top_k():
-    """2000 draws from 4 kept tokens; chi-square with 3 degrees of freedom below 16.27 (p = 0.001)."""
-    logits = torch.tensor([1.0, 0.2, -0.5, 0.9, -3.0, 0.0])
-    T, k, n = 0.8, 4, 2000
-    g = torch.Generator().manual_seed(1234)
-    counts = torch.bincount(torch.tensor([R.sample(logits, T, k, g) for _ in range(n)]), minlength=6).double()
-    keep = torch.topk(logits, k).indices
-    p = torch.softmax(logits[keep] / T, -1).double()
-    assert counts.sum() == counts[keep].sum()
-    chi2 = float(((counts[keep] - n * p) ** 2 / (n * p)).sum())
-    assert chi2 < 16.27, chi2
-
-
 def test_swiglu(gen):
     x = torch.randn(2, 6, generator=gen)
     w_in, w_out = torch.randn(10, 6, generator=gen), torch.randn(6, 5, generator=gen)

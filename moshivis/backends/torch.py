@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from moshivis_kernels.sampling import sample_tokens_reference
+
 from .. import reference as R
 from ..config import MoshiVisConfig
 from ..image_pool import ImagePool
@@ -16,13 +18,12 @@ class TorchBackend:
     def __init__(self, cfg: MoshiVisConfig, weights: dict, state: StreamState, pool: ImagePool):
         self.cfg, self.w, self.state, self.pool = cfg, weights, state, pool
 
-    def frame(self, inputs, rows, image_slots, sampling, generators, forced=None):
+    def frame(self, inputs, rows, image_slots, forced=None):
         """One frame for B streams.
 
-        inputs [B, 1 + n_q] this frame's input tokens; rows [B] the streams' state slots;
-        image_slots [B] their image pool slots (-1 = none); sampling / generators: per-row
-        `SamplingParams` and torch generators; forced [B, 1 + dep_q] tokens to use instead of
-        sampling (teacher forcing) or None.
+        inputs [B, 1 + n_q] this frame's input tokens; rows [B] the streams' state slots (their
+        positions, seeds and sampling parameters live there); image_slots [B] their image pool slots
+        (-1 = none); forced [B, 1 + dep_q] tokens to use instead of sampling (teacher forcing) or None.
         Returns (tokens [B, 1 + dep_q], text_logits [B, text_card], audio_logits [B, dep_q, audio_card]).
         """
         cfg, w = self.cfg, self.w
@@ -37,9 +38,9 @@ class TorchBackend:
                 x = R.ffn(w, i, x)
             h, text_logits = R.text_logits(w, x)
         with phase("sampling"):
-            text = self.choose(text_logits, sampling, generators, "text", forced, 0)
+            text = self.choose(text_logits, rows, positions, forced, 0)
         with phase("depformer"):
-            audio_logits, audio = self.depformer(h, text, sampling, generators, forced)
+            audio_logits, audio = self.depformer(h, text, rows, positions, forced)
         return torch.cat([text[:, None], audio], dim=1), text_logits, audio_logits
 
     # -- cross-attention: the part the `triton` backend replaces first --
@@ -53,7 +54,7 @@ class TorchBackend:
         return R.cross_attention(self.w, self.cfg, i, x, kv_rows, has_image)
 
     # -- depformer and sampling --
-    def depformer(self, h, text, sampling, generators, forced):
+    def depformer(self, h, text, rows, positions, forced):
         cfg = self.cfg
         B = h.shape[0]
         cache = torch.zeros(cfg.depformer_num_layers, B, 2, cfg.dep_q, cfg.depformer_num_heads,
@@ -62,19 +63,17 @@ class TorchBackend:
         for k in range(cfg.dep_q):
             lk = R.depformer_step(self.w, cfg, k, h, prev, cache)
             with phase("sampling"):
-                prev = self.choose(lk, sampling, generators, "audio", forced, 1 + k)
+                prev = self.choose(lk, rows, positions, forced, 1 + k)
             logits.append(lk)
             tokens.append(prev)
         return torch.stack(logits, dim=1), torch.stack(tokens, dim=1)
 
-    @staticmethod
-    def choose(logits, sampling, generators, kind, forced, column):
-        """The token of each row: forced, greedy, or sampled with the row's own generator."""
+    def choose(self, logits, rows, positions, forced, codebook):
+        """Each row's token for `codebook` (0 = text, 1 + k = audio k): forced, or drawn with the
+        stream's own sampling parameters and counter-based random numbers (greedy at temperature 0)."""
         if forced is not None:
-            return forced[:, column]
-        temps = [getattr(s, f"temperature_{kind}") for s in sampling]
-        if all(t <= 0 for t in temps):
-            return logits.argmax(-1)
-        picks = [R.sample(logits[b], temps[b], getattr(sampling[b], f"top_k_{kind}"), generators[b])
-                 for b in range(logits.shape[0])]
-        return torch.tensor(picks, dtype=torch.long, device=logits.device)
+            return forced[:, codebook]
+        kind = min(codebook, 1)
+        st = self.state
+        return sample_tokens_reference(logits, st.temperature[rows, kind], st.top_k[rows, kind], st.seed[rows],
+                                       positions, codebook)
