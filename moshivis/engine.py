@@ -140,7 +140,8 @@ class Engine:
         all_rows = torch.arange(1 + cfg.n_q, device=dev)[None, :]
         inputs = torch.where(t[:, None] <= self._delays[None, :], self._initial[None, :], buf[rows[:, None], all_rows, cur])
         buf[rows[:, None], all_rows, cur] = inputs
-        # 4. the model.
+        # 4. the model, after the images attached since the last frame are projected.
+        self.pool.flush()
         forced = None if forced_tokens is None else forced_tokens.to(device=dev, dtype=torch.long)
         tokens, text_logits, audio_logits = self.backend.frame(inputs, rows, image_slots, forced)
         # 5. the model's tokens enter the next column; 6. read the delayed output.

@@ -17,7 +17,8 @@ class ImagePool:
     """`kv` [capacity, N, 2, heads, head_dim]: one preallocated buffer of image K/V slots.
 
     Identical features (same bytes) attached by several streams share one slot (content hash +
-    refcount); a slot is freed when its last stream lets go of it.
+    refcount); a slot is freed when its last stream lets go of it. New images are projected at the
+    next `flush()` (the engine calls it before each frame), all of them in one batched call.
     """
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, capacity: int, dtype: torch.dtype,
@@ -28,6 +29,7 @@ class ImagePool:
         self.refcount = [0] * capacity
         self._slot_of: dict[str, int] = {}
         self._digest_of: dict[int, str] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # slot -> features whose K/V are not computed yet
 
     @property
     def used(self) -> int:
@@ -70,8 +72,7 @@ class ImagePool:
                 raise ImageError(f"image pool is full ({self.capacity} distinct images in use); "
                                  "close a stream or remove an image first")
             slot = free[0]
-            f = features.to(device=self.kv.device, dtype=self.kv.dtype)
-            self.kv[slot] = reference.image_kv(self.weights, self.cfg, f)
+            self._pending[slot] = features.detach().to(device=self.kv.device, dtype=self.kv.dtype)
             self._slot_of[digest], self._digest_of[slot] = slot, digest
         self.refcount[slot] += 1
         if old >= 0:
@@ -84,3 +85,12 @@ class ImagePool:
         self.refcount[slot] -= 1
         if self.refcount[slot] == 0:
             del self._slot_of[self._digest_of.pop(slot)]
+            self._pending.pop(slot, None)
+
+    def flush(self) -> None:
+        """Image projection + shared K/V projection for every image attached since the last flush,
+        batched: [P, N, image_encoder_dim] -> kv[slots] [P, N, 2, heads, head_dim]."""
+        if self._pending:
+            slots = list(self._pending)
+            features = torch.stack([self._pending.pop(s) for s in slots])
+            self.kv[torch.tensor(slots, device=self.kv.device)] = reference.image_kv(self.weights, self.cfg, features)

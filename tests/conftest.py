@@ -16,6 +16,11 @@ from moshivis.replay import read_stream
 GOLDEN = Path(os.environ.get("MOSHIVIS_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny"))
 
 
+def pytest_configure(config):
+    # The Triton interpreter reads scalar kernel arguments in a way NumPy >= 1.25 deprecates.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN / "config.json").exists():

@@ -132,6 +132,7 @@ def test_image_pool_dedup_replace_release_and_full(tiny_cfg, tiny_weights, gen):
     old = engine._streams[b].image_slot
     engine.set_image(b, feats[2])  # b alone holds its slot: replacing reuses it, no spare needed
     assert engine._streams[b].image_slot == old and engine.pool.used == 2
+    engine.pool.flush()
     torch.testing.assert_close(engine.pool.kv[old], image_kv(tiny_weights, tiny_cfg, feats[2]), atol=0, rtol=0)
     engine.set_image(c, None)
     assert engine.pool.used == 1

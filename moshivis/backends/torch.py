@@ -1,4 +1,8 @@
-"""The `torch` backend: one frame computed with the reference ops on the shared state."""
+"""The `torch` backend: one frame computed with the reference ops on the shared state.
+
+The frame reads like the model (SPEC.md §4-§7); each op is a method, so the `triton` backend swaps
+ops for kernels one at a time by overriding them.
+"""
 from __future__ import annotations
 
 import torch
@@ -26,32 +30,37 @@ class TorchBackend:
         (-1 = none); forced [B, 1 + dep_q] tokens to use instead of sampling (teacher forcing) or None.
         Returns (tokens [B, 1 + dep_q], text_logits [B, text_card], audio_logits [B, dep_q, audio_card]).
         """
-        cfg, w = self.cfg, self.w
         positions = self.state.t[rows]
         with phase("temporal"):
-            x = R.embed_inputs(w, cfg, inputs)
-            xa = self.prepare_cross_attention(image_slots)
-            for i in range(cfg.num_layers):
-                x = R.self_attention(w, cfg, i, x, self.state.kv[i], rows, positions)
+            x = self.embed(inputs)
+            for i in range(self.cfg.num_layers):
+                x = self.self_attention(i, x, rows, positions)
                 with phase("cross_attention"):
-                    x = self.cross_attention(i, x, xa)
-                x = R.ffn(w, i, x)
-            h, text_logits = R.text_logits(w, x)
+                    x = self.cross_attention(i, x, image_slots)
+                x = self.ffn(i, x)
+            h, text_logits = self.text_head(x)
         with phase("sampling"):
             text = self.choose(text_logits, rows, positions, forced, 0)
         with phase("depformer"):
             audio_logits, audio = self.depformer(h, text, rows, positions, forced)
         return torch.cat([text[:, None], audio], dim=1), text_logits, audio_logits
 
-    # -- cross-attention: the part the `triton` backend replaces first --
-    def prepare_cross_attention(self, image_slots):
-        """Once per frame: each row's image K/V [B, N, 2, H, D] and which rows have one."""
-        has_image = image_slots >= 0
-        return self.pool.kv[image_slots.clamp(min=0)], has_image
+    # -- the temporal transformer --
+    def embed(self, inputs):
+        return R.embed_inputs(self.w, self.cfg, inputs)
 
-    def cross_attention(self, i, x, xa):
-        kv_rows, has_image = xa
-        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, has_image)
+    def self_attention(self, i, x, rows, positions):
+        return R.self_attention(self.w, self.cfg, i, x, self.state.kv[i], rows, positions)
+
+    def cross_attention(self, i, x, image_slots):
+        kv_rows = self.pool.kv[image_slots.clamp(min=0)]  # [B, N, 2, H, D]: each row's image K/V
+        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0)
+
+    def ffn(self, i, x):
+        return R.ffn(self.w, i, x)
+
+    def text_head(self, x):
+        return R.text_logits(self.w, x)
 
     # -- depformer and sampling --
     def depformer(self, h, text, rows, positions, forced):
@@ -73,6 +82,9 @@ class TorchBackend:
         stream's own sampling parameters and counter-based random numbers (greedy at temperature 0)."""
         if forced is not None:
             return forced[:, codebook]
+        return self.sample(logits, rows, positions, codebook)
+
+    def sample(self, logits, rows, positions, codebook):
         kind = min(codebook, 1)
         st = self.state
         return sample_tokens_reference(logits, st.temperature[rows, kind], st.top_k[rows, kind], st.seed[rows],

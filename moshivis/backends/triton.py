@@ -1,0 +1,90 @@
+"""The `triton` backend: the torch backend's frame with its ops replaced by `moshivis_kernels`.
+
+On Triton now: the input embedding sum, self-attention (RoPE + KV append + decode attention), the
+whole gated cross-attention block over the image KV pool, the depformer (all 8 codebook steps, one
+persistent launch per step plus its sampler) and sampling. Still PyTorch: the temporal projections,
+the FFN and the text head (issue [temporal]).
+
+Kernels take some weights stacked (the 16 audio tables, the depformer's per-step and per-layer
+weights); the backend stacks them once and rebinds the engine's weight dict to views of the stacked
+tensors, so no weight is held twice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moshivis_kernels import (DepformerWeights, depformer_frame, depformer_workspace, embed_tokens,
+                              gated_cross_attention, sample_tokens, self_attention_decode)
+
+from .. import reference as R
+from ..checkpoint import XA
+from .torch import TorchBackend
+
+
+def restack(w: dict, keys: list[str]) -> torch.Tensor:
+    """torch.stack of w[keys]; the dict's entries become views of the result (no weight held twice)."""
+    stacked = torch.stack([w[k] for k in keys])
+    w.update(zip(keys, stacked.unbind(0)))
+    return stacked
+
+
+def depformer_weights(w: dict, cfg) -> DepformerWeights:
+    """Kyutai's depformer keys (SPEC.md §8) in the layout of `moshivis_kernels.depformer`."""
+    L, S = cfg.depformer_num_layers, cfg.dep_q
+    layers = [f"depformer.layers.{l}" for l in range(L)]
+    gating = lambda name: restack(w, [f"{p}.gating.{s}.{name}.weight" for p in layers for s in range(S)])  # noqa: E731
+    return DepformerWeights(
+        depformer_in=restack(w, [f"depformer_in.{s}.weight" for s in range(S)]),          # [S, dd, dim]
+        text_emb=w["depformer_text_emb.weight"],                                          # [text_card+1, dd]
+        audio_emb=restack(w, [f"depformer_emb.{s}.weight" for s in range(S - 1)]),        # [S-1, card+1, dd]
+        norm1=restack(w, [f"{p}.norm1.alpha" for p in layers]).reshape(L, -1),           # [L, dd]
+        norm2=restack(w, [f"{p}.norm2.alpha" for p in layers]).reshape(L, -1),
+        in_proj=restack(w, [f"{p}.self_attn.in_proj_weight" for p in layers]),            # [L, S*3*dd, dd]
+        out_proj=restack(w, [f"{p}.self_attn.out_proj.weight" for p in layers]),          # [L, S*dd, dd]
+        linear_in=gating("linear_in").unflatten(0, (L, S)),                               # [L, S, 2*hidden, dd]
+        linear_out=gating("linear_out").unflatten(0, (L, S)),                             # [L, S, dd, hidden]
+        audio_linears=restack(w, [f"audio_linears.{s}.weight" for s in range(S)]),        # [S, card, dd]
+        num_heads=cfg.depformer_num_heads)
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+
+    def __init__(self, cfg, weights, state, pool):
+        super().__init__(cfg, weights, state, pool)
+        w = weights
+        self.audio_emb = restack(w, [f"audio_emb.{j}.weight" for j in range(cfg.n_q)])  # [n_q, card+1, dim]
+        self.xa_wq = w[f"{XA}.in_proj_weight"][: cfg.dim]  # a view: rows [0, dim) of the shared in_proj
+        self.depformer_w = depformer_weights(w, cfg)
+        self._depformer_ws = {}  # batch size -> workspace (its cache and scratch)
+
+    def embed(self, inputs):
+        return embed_tokens(inputs, self.w["llm.text_emb.weight"], self.audio_emb)
+
+    def self_attention(self, i, x, rows, positions):
+        p = f"llm.transformer.layers.{i}"
+        qkv = F.linear(R.rms_norm(x, self.w[f"{p}.norm1.alpha"]), self.w[f"{p}.self_attn.in_proj_weight"])
+        attn = self_attention_decode(qkv, self.state.kv[i], rows, positions, max_period=float(self.cfg.max_period))
+        return x + F.linear(attn, self.w[f"{p}.self_attn.out_proj.weight"])
+
+    def cross_attention(self, i, x, image_slots):
+        p, w = f"llm.transformer.layers.{i}", self.w
+        return gated_cross_attention(x, w[f"{p}.norm_cross.alpha"].reshape(-1), self.xa_wq, self.pool.kv, image_slots,
+                                     w[f"{XA}.out_proj.weight"], w[f"{p}.cross_attention.gate.alpha.0.weight"],
+                                     w[f"{p}.cross_attention.gate.alpha.2.weight"], out=x)
+
+    def depformer(self, h, text, rows, positions, forced):
+        B, st = h.shape[0], self.state
+        if B not in self._depformer_ws:
+            self._depformer_ws[B] = depformer_workspace(self.depformer_w, B)
+        tokens, logits = depformer_frame(self.depformer_w, h, text, self._depformer_ws[B],
+                                         temperature=st.temperature[rows, 1], top_k=st.top_k[rows, 1],
+                                         seed=st.seed[rows], frame=positions, forced=forced)
+        return logits, tokens
+
+    def sample(self, logits, rows, positions, codebook):
+        kind = min(codebook, 1)
+        st = self.state
+        return sample_tokens(logits, st.temperature[rows, kind], st.top_k[rows, kind], st.seed[rows], positions,
+                             codebook)
