@@ -2,7 +2,9 @@
 
 Functions of tensors, batched over streams (one token per stream per frame), clear over clever.
 Weights are the flat dict of `checkpoint.load`, keyed as in Kyutai's checkpoint. Linears run in the
-weights' dtype; norms, RoPE angles and softmax in float32, as Kyutai's code does.
+activations' dtype; norms, RoPE angles and softmax in float32, as Kyutai's code does. A linear whose
+weight is stored as int8 (bitsandbytes row-wise: `KEY` = CB int8, `scale_key(KEY)` = SCB fp32) is
+`F.linear(x, CB) * SCB / 127`, the definition the int8 kernel is held to.
 """
 from __future__ import annotations
 
@@ -61,10 +63,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.einsum("bht,bthd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
 
 
-def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-    """linear_out(silu(u[:hidden]) * u[hidden:]) with u = linear_in(x)."""
-    gate, up = F.linear(x, w_in).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_out)
+def scale_key(key: str) -> str:
+    """Where an int8 weight's row scales live: `...linear_in.weight` -> `...linear_in.SCB`,
+    `...in_proj_weight` -> `...in_proj_SCB` (bitsandbytes' naming)."""
+    return key[: -len("weight")] + "SCB"
+
+
+def linear(w: dict, key: str, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """x @ W^T for the weight `key` (only its `rows` if given): dense, or int8 CB * SCB / 127."""
+    weight = w[key] if rows is None else w[key][rows]
+    scb = w.get(scale_key(key))
+    if scb is None:
+        return F.linear(x, weight)
+    scale = scb if rows is None else scb[rows]
+    return F.linear(x, weight.to(x.dtype)) * (scale / 127).to(x.dtype)
+
+
+def swiglu(w: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """linear_out(silu(u[:hidden]) * u[hidden:]) with u = linear_in(x); prefix names the `gating` module."""
+    gate, up = linear(w, f"{prefix}.linear_in.weight", x).chunk(2, dim=-1)
+    return linear(w, f"{prefix}.linear_out.weight", F.silu(gate) * up)
 
 
 def embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -83,8 +101,7 @@ def image_embeddings(w: dict, features: torch.Tensor) -> torch.Tensor:
 def image_kv(w: dict, cfg: MoshiVisConfig, features: torch.Tensor) -> torch.Tensor:
     """The static image KV cache: [..., N, 2, heads, head_dim] (K then V), shared by all layers."""
     e = image_embeddings(w, features)
-    wkv = w[f"{XA}.in_proj_weight"][cfg.dim:]  # rows [dim, 3*dim): Wk then Wv
-    kv = F.linear(e, wkv)  # [..., N, 2*dim]
+    kv = linear(w, f"{XA}.in_proj_weight", e, rows=slice(cfg.dim, None))  # rows [dim, 3*dim): Wk, Wv
     return kv.unflatten(-1, (2, cfg.num_heads, cfg.head_dim))
 
 
@@ -107,7 +124,7 @@ def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cac
     """
     p = f"llm.transformer.layers.{i}"
     B, H, D, ctx = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.context
-    qkv = F.linear(rms_norm(x, w[f"{p}.norm1.alpha"]), w[f"{p}.self_attn.in_proj_weight"])
+    qkv = linear(w, f"{p}.self_attn.in_proj_weight", rms_norm(x, w[f"{p}.norm1.alpha"]))
     q, k, v = qkv.view(B, 3, H, D).unbind(1)
     q, k = rope(q, positions, cfg.max_period), rope(k, positions, cfg.max_period)
     kv_cache[rows, 0, positions % ctx] = k
@@ -115,7 +132,7 @@ def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cac
     keys, values = kv_cache[rows].unbind(1)  # [B, context, H, D]
     visible = torch.arange(ctx, device=x.device)[None, :] <= positions[:, None]
     attn = attention(q, keys, values, visible)
-    return x + F.linear(attn.reshape(B, H * D), w[f"{p}.self_attn.out_proj.weight"])
+    return x + linear(w, f"{p}.self_attn.out_proj.weight", attn.reshape(B, H * D))
 
 
 def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
@@ -127,25 +144,25 @@ def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
     """
     p = f"llm.transformer.layers.{i}"
     B, H, D = x.shape[0], cfg.num_heads, cfg.head_dim
-    wq = w[f"{XA}.in_proj_weight"][: cfg.dim]
-    q = F.linear(rms_norm(x, w[f"{p}.norm_cross.alpha"]), wq).view(B, H, D)
+    y = rms_norm(x, w[f"{p}.norm_cross.alpha"])
+    q = linear(w, f"{XA}.in_proj_weight", y, rows=slice(0, cfg.dim)).view(B, H, D)  # Wq: rows [0, dim)
     attn = attention(q, image_kv_rows[:, :, 0], image_kv_rows[:, :, 1])
-    a = F.linear(attn.reshape(B, H * D), w[f"{XA}.out_proj.weight"])
-    hidden = F.relu(F.linear(a, w[f"{p}.cross_attention.gate.alpha.0.weight"]))
-    g = torch.sigmoid(F.linear(hidden, w[f"{p}.cross_attention.gate.alpha.2.weight"]) - 4)
+    a = linear(w, f"{XA}.out_proj.weight", attn.reshape(B, H * D))
+    hidden = F.relu(linear(w, f"{p}.cross_attention.gate.alpha.0.weight", a))
+    g = torch.sigmoid(linear(w, f"{p}.cross_attention.gate.alpha.2.weight", hidden) - 4)
     return torch.where(has_image[:, None], x + a * g, x)
 
 
 def ffn(w: dict, i: int, x: torch.Tensor) -> torch.Tensor:
     p = f"llm.transformer.layers.{i}"
     y = rms_norm(x, w[f"{p}.norm2.alpha"])
-    return x + swiglu(y, w[f"{p}.gating.linear_in.weight"], w[f"{p}.gating.linear_out.weight"])
+    return x + swiglu(w, f"{p}.gating", y)
 
 
 def text_logits(w: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h = out_norm(x) and the text logits [B, text_card] (float32)."""
     h = rms_norm(x, w["llm.out_norm.alpha"])
-    return h, F.linear(h, w["llm.text_linear.weight"]).float()
+    return h, linear(w, "llm.text_linear.weight", h).float()
 
 
 # ---- depformer (SPEC.md §6) ---------------------------------------------------------------------
@@ -159,20 +176,19 @@ def depformer_step(w: dict, cfg: MoshiVisConfig, k: int, h: torch.Tensor, prev_t
     dd, H, D = cfg.depformer_dim, cfg.depformer_num_heads, cfg.depformer_head_dim
     B = h.shape[0]
     table = w["depformer_text_emb.weight"] if k == 0 else w[f"depformer_emb.{k - 1}.weight"]
-    x = F.linear(h, w[f"depformer_in.{k}.weight"]) + embed(table, prev_token)
+    x = linear(w, f"depformer_in.{k}.weight", h) + embed(table, prev_token)
     visible = torch.arange(cfg.dep_q, device=h.device)[None, :].expand(B, -1) <= k
     for l in range(cfg.depformer_num_layers):
         p = f"depformer.layers.{l}"
         y = var_norm(x, w[f"{p}.norm1.alpha"], DEPFORMER_EPS)
-        w_qkv = w[f"{p}.self_attn.in_proj_weight"][3 * dd * k: 3 * dd * (k + 1)]
-        q, kk, v = F.linear(y, w_qkv).view(B, 3, H, D).unbind(1)
+        qkv = linear(w, f"{p}.self_attn.in_proj_weight", y, rows=slice(3 * dd * k, 3 * dd * (k + 1)))
+        q, kk, v = qkv.view(B, 3, H, D).unbind(1)
         cache[l, :, 0, k], cache[l, :, 1, k] = kk, v
         attn = attention(q, cache[l, :, 0], cache[l, :, 1], visible)
-        w_out = w[f"{p}.self_attn.out_proj.weight"][dd * k: dd * (k + 1)]
-        x = x + F.linear(attn.reshape(B, dd), w_out)
+        x = x + linear(w, f"{p}.self_attn.out_proj.weight", attn.reshape(B, dd), rows=slice(dd * k, dd * (k + 1)))
         y = var_norm(x, w[f"{p}.norm2.alpha"], DEPFORMER_EPS)
-        x = x + swiglu(y, w[f"{p}.gating.{k}.linear_in.weight"], w[f"{p}.gating.{k}.linear_out.weight"])
-    return F.linear(x, w[f"audio_linears.{k}.weight"]).float()
+        x = x + swiglu(w, f"{p}.gating.{k}", y)
+    return linear(w, f"audio_linears.{k}.weight", x).float()
 
 
 # ---- sampling (SPEC.md §7) ----------------------------------------------------------------------

@@ -48,10 +48,15 @@ def test_embed_zero_token_gives_exact_zeros(gen):
     assert torch.equal(out[0, 0], table[3]) and torch.equal(out[0, 1], torch.zeros(4))
 
 
-def test_swiglu(gen):
+def test_swiglu_and_int8_linear(gen):
     x = torch.randn(2, 6, generator=gen)
-    w_in, w_out = torch.randn(10, 6, generator=gen), torch.randn(6, 5, generator=gen)
-    u = x @ w_in.T
-    want = (u[:, :5] * torch.sigmoid(u[:, :5]) * u[:, 5:]) @ w_out.T
-    torch.testing.assert_close(R.swiglu(x, w_in, w_out), want)
-    assert math.isclose(float(F.silu(torch.tensor(1.0))), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
+    w = {"m.linear_in.weight": torch.randn(10, 6, generator=gen), "m.linear_out.weight": torch.randn(6, 5, generator=gen)}
+    u = x @ w["m.linear_in.weight"].T
+    want = (u[:, :5] * torch.sigmoid(u[:, :5]) * u[:, 5:]) @ w["m.linear_out.weight"].T
+    torch.testing.assert_close(R.swiglu(w, "m", x), want)
+    # int8 (bitsandbytes naming: the scales of `m.linear_in.weight` are `m.linear_in.SCB`): CB * SCB / 127.
+    cb = torch.randint(-127, 128, (10, 6), generator=gen, dtype=torch.int8)
+    scb = torch.rand(10, generator=gen) + 0.5
+    q = {"m.linear_in.weight": cb, "m.linear_in.SCB": scb}
+    torch.testing.assert_close(R.linear(q, "m.linear_in.weight", x, rows=slice(2, 7)),
+                               x @ (cb[2:7].float() * scb[2:7, None] / 127).T, atol=1e-5, rtol=1e-5)
