@@ -3,6 +3,12 @@
 Weights are a flat `dict[str, Tensor]` keyed exactly as in Kyutai's checkpoint, so the reference
 model reads like the key table. The SigLIP encoder (`image_prefix.enc.model.*`) is not part of the
 language model and is skipped here; the image path takes encoder features.
+
+INT8 checkpoints (`python -m moshivis.quantize`) keep every key; each large linear weight KEY (see
+`quantized_keys`) holds bitsandbytes' row-wise CB (int8, same shape) and `scale_key(KEY)`
+its SCB (fp32 [rows]), e.g. `llm.transformer.layers.0.gating.linear_in.weight` +
+`llm.transformer.layers.0.gating.linear_in.SCB`, `...self_attn.in_proj_weight` +
+`...self_attn.in_proj_SCB`. Embeddings, norms and the image projection stay in the compute dtype.
 """
 from __future__ import annotations
 
@@ -65,7 +71,20 @@ def expected_shapes(cfg: MoshiVisConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def _files(path: str | Path) -> list[Path]:
+def scale_key(key: str) -> str:
+    """Where an int8 weight's row scales live: `...linear_in.weight` -> `...linear_in.SCB`,
+    `...in_proj_weight` -> `...in_proj_SCB` (bitsandbytes' naming)."""
+    return key[: -len("weight")] + "SCB"
+
+
+def quantized_keys(cfg: MoshiVisConfig) -> list[str]:
+    """The large linear weights that INT8 checkpoints store as CB + SCB (embedding tables and the
+    once-per-image `proj_xa` stay dense)."""
+    return [k for k in expected_shapes(cfg)
+            if k.endswith("weight") and "emb" not in k and not k.startswith("image_prefix.")]
+
+
+def shard_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -80,18 +99,25 @@ def _files(path: str | Path) -> list[Path]:
 
 
 def load(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+         device: str | torch.device = "cpu", weights: str = "dense") -> dict[str, torch.Tensor]:
     """Load a `.safetensors` file or a directory of shards, strictly, tensor by tensor.
 
-    Each tensor is read, cast to `dtype` and moved to `device` before the next is read, so a large
-    checkpoint is never held twice. All problems (missing keys, unexpected keys, wrong shapes) are
+    weights="dense": every tensor cast to `dtype`; weights="int8": an INT8 checkpoint, whose
+    `quantized_keys` stay int8 with their fp32 SCB scales and everything else is cast to `dtype`.
+    Each tensor is read, cast and moved to `device` before the next is read, so a large checkpoint is
+    never held twice. All problems (missing keys, unexpected keys, wrong shapes or dtypes) are
     collected and reported together.
     """
+    if weights not in ("dense", "int8"):
+        raise CheckpointError(f"weights must be 'dense' or 'int8', got {weights!r}")
     expected = expected_shapes(cfg)
-    weights: dict[str, torch.Tensor] = {}
+    int8 = set(quantized_keys(cfg)) if weights == "int8" else set()
+    scales = {scale_key(k): k for k in int8}
+    expected.update({s: expected[k][:1] for s, k in scales.items()})
+    loaded: dict[str, torch.Tensor] = {}
     unexpected, duplicated = [], []
-    wrong_shape: dict[str, str] = {}
-    for file in _files(path):
+    wrong: dict[str, str] = {}
+    for file in shard_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if key.startswith(IMAGE_ENCODER_PREFIX):
@@ -99,27 +125,37 @@ def load(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype = torch.float
                 if key not in expected:
                     unexpected.append(f"{key} (in {file.name})")
                     continue
-                if key in weights:
+                if key in loaded:
                     duplicated.append(f"{key} (again in {file.name})")
                     continue
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != expected[key]:
-                    wrong_shape[key] = f"{key}: expected {list(expected[key])}, found {list(shape)}"
+                    wrong[key] = f"{key}: expected shape {list(expected[key])}, found {list(shape)}"
                     continue
-                weights[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    missing = [k for k in expected if k not in weights and k not in wrong_shape]
+                t = f.get_tensor(key)
+                want = torch.int8 if key in int8 else torch.float32 if key in scales else None
+                if want is not None and t.dtype != want:
+                    wrong[key] = f"{key}: expected dtype {want}, found {t.dtype}"
+                    continue
+                if want is None and not t.is_floating_point():
+                    hint = " (an INT8 checkpoint: load it with weights='int8')" if t.dtype == torch.int8 else ""
+                    wrong[key] = f"{key}: expected a floating-point tensor, found {t.dtype}{hint}"
+                    continue
+                loaded[key] = t.to(device=device, dtype=want or dtype)
+    missing = [k for k in expected if k not in loaded and k not in wrong]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-    if wrong_shape:
-        problems.append(f"shape mismatches ({len(wrong_shape)}): " + "; ".join(wrong_shape.values()))
+    if wrong:
+        problems.append(f"shape or dtype mismatches ({len(wrong)}): " + "; ".join(wrong.values()))
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        hint = " (INT8 scales: load with weights='int8')" if any(".SCB" in u or "_SCB" in u for u in unexpected) else ""
+        problems.append(f"unexpected keys ({len(unexpected)}){hint}: " + ", ".join(unexpected))
     if duplicated:
         problems.append(f"duplicated keys ({len(duplicated)}): " + ", ".join(duplicated))
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the config:\n  " + "\n  ".join(problems))
-    return weights
+    return loaded
 
 
 def save(weights: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import XA
+from .checkpoint import XA, scale_key
 from .config import MoshiVisConfig
 
 TEMPORAL_EPS = 1e-8
@@ -61,12 +61,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     return torch.einsum("bht,bthd->bhd", scores.softmax(-1), v.float()).to(q.dtype)
-
-
-def scale_key(key: str) -> str:
-    """Where an int8 weight's row scales live: `...linear_in.weight` -> `...linear_in.SCB`,
-    `...in_proj_weight` -> `...in_proj_SCB` (bitsandbytes' naming)."""
-    return key[: -len("weight")] + "SCB"
 
 
 def linear(w: dict, key: str, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:

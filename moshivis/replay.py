@@ -77,13 +77,24 @@ def compare(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], 
     )
 
 
+def load_weights(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype, device: str, weights: str) -> dict:
+    """Weights in `dtype` ("bf16": dense) or INT8 ("int8": an INT8 checkpoint as it is, or a dense one
+    quantized on load)."""
+    if weights == "bf16":
+        return checkpoint.load(path, cfg, dtype=dtype, device=device)
+    with safe_open(str(path), framework="pt") as f:
+        is_int8 = (f.metadata() or {}).get("moshivis_weights", "").startswith("int8")
+    if is_int8:
+        return checkpoint.load(path, cfg, dtype=dtype, device=device, weights="int8")
+    from .quantize import quantize_weights
+    return quantize_weights(checkpoint.load(path, cfg, dtype=dtype, device=device), cfg)
+
+
 def load_engine(golden: str | Path, backend: str, dtype: torch.dtype, device: str, weights: str,
                 max_streams: int) -> tuple[MoshiVisConfig, Engine]:
     golden = Path(golden)
     cfg = MoshiVisConfig.from_json(golden / "config.json")
-    if weights != "bf16":
-        raise SystemExit(f"--weights {weights}: int8 weights are not implemented yet (issue [int8])")
-    w = checkpoint.load(golden / "model.safetensors", cfg, dtype=dtype, device=device)
+    w = load_weights(golden / "model.safetensors", cfg, dtype, device, weights)
     return cfg, Engine(cfg, w, max_streams=max_streams, backend=backend)
 
 
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"],
-                    help="bf16: weights in --dtype; int8: weight-only int8")
+                    help="bf16: dense weights in --dtype; int8: weight-only int8 (a dense file is quantized on load)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-force", action="store_true",
                     help="feed each file's sampled_tokens back as the model's own tokens")

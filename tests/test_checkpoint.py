@@ -30,7 +30,7 @@ def test_every_problem_is_reported_by_name(tmp_path, tiny_cfg, tiny_weights):
     msg = str(info.value)
     assert "missing keys (2): " in msg
     assert "llm.text_linear.weight" in msg and "depformer.layers.1.gating.5.linear_out.weight" in msg
-    assert "llm.transformer.layers.1.self_attn.out_proj.weight: expected [64, 64], found [64, 63]" in msg
+    assert "llm.transformer.layers.1.self_attn.out_proj.weight: expected shape [64, 64], found [64, 63]" in msg
     assert "unexpected keys (1): llm.transformer.layers.7.norm1.alpha" in msg
 
 

@@ -1,0 +1,78 @@
+"""INT8 weight-only checkpoints: quantize, save, load, replay; model-level quality on golden tiny."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moshivis import CheckpointError, Engine, checkpoint
+from moshivis.checkpoint import quantized_keys, scale_key
+from moshivis.quantize import main as quantize_main, quantize_weights
+from moshivis.replay import run_stream
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - test).pow(2).sum()))
+
+
+@pytest.fixture(scope="module")
+def int8_file(golden_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "model-int8.safetensors"
+    assert quantize_main(["--checkpoint", str(golden_dir / "model.safetensors"), "--out", str(out)]) == 0
+    return out
+
+
+def test_file_layout_and_round_trip(int8_file, tiny_cfg, tiny_weights):
+    with safe_open(str(int8_file), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["moshivis_weights"] == "int8-rowwise"
+        cb = f.get_tensor("llm.transformer.layers.0.gating.linear_in.weight")
+        scb = f.get_tensor("llm.transformer.layers.0.gating.linear_in.SCB")
+    assert cb.dtype == torch.int8 and scb.dtype == torch.float32 and scb.shape == (cb.shape[0],)
+    assert "llm.transformer.layers.0.self_attn.in_proj_SCB" in keys
+    assert keys == set(tiny_weights) | {scale_key(k) for k in quantized_keys(tiny_cfg)}
+    loaded = checkpoint.load(int8_file, tiny_cfg, weights="int8")
+    in_memory = quantize_weights(dict(tiny_weights), tiny_cfg)
+    assert loaded.keys() == in_memory.keys() and all(torch.equal(loaded[k], in_memory[k]) for k in loaded)
+    # w ~= CB * SCB / 127 within half a step per row.
+    w = tiny_weights["llm.transformer.layers.0.gating.linear_in.weight"]
+    assert ((cb.float() * scb[:, None] / 127 - w).abs() <= scb[:, None] / 254 + 1e-7).all()
+
+
+def test_teacher_forced_quality_on_golden_tiny(int8_file, tiny_cfg, tiny_weights, golden_streams):
+    """Logits of the int8 model vs the fp32 model, same forced tokens: SQNR >= 25 dB and top-1
+    agreement >= 95%, for text and audio (printed with -s)."""
+    q = checkpoint.load(int8_file, tiny_cfg, weights="int8")
+    for name, stream in golden_streams.items():
+        ref = run_stream(Engine(tiny_cfg, tiny_weights, max_streams=2), stream, teacher_force=True)
+        got = run_stream(Engine(tiny_cfg, q, max_streams=2), stream, teacher_force=True)
+        for key in ("text_logits", "audio_logits"):
+            db = sqnr_db(ref[key], got[key])
+            agree = float((ref[key].argmax(-1) == got[key].argmax(-1)).float().mean())
+            print(f"{name} {key}: SQNR {db:.1f} dB, top-1 agreement {agree:.1%}")
+            assert db >= 25 and agree >= 0.95, (name, key, db, agree)
+
+
+def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):
+    with safe_open(str(int8_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scale = "llm.transformer.layers.1.gating.linear_out.SCB"
+    no_scale = {k: v for k, v in tensors.items() if k != scale}
+    save_file(no_scale, str(tmp_path / "a.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"missing keys \(1\): {scale}"):
+        checkpoint.load(tmp_path / "a.safetensors", tiny_cfg, weights="int8")
+    key = "depformer_in.3.weight"
+    save_file({**tensors, key: tensors[key].float()}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{key}: expected dtype torch.int8, found torch.float32"):
+        checkpoint.load(tmp_path / "b.safetensors", tiny_cfg, weights="int8")
+    with pytest.raises(CheckpointError, match=r"load it with weights='int8'"):
+        checkpoint.load(int8_file, tiny_cfg)
+    with pytest.raises(CheckpointError, match=r"is already int8"):
+        quantize_main(["--checkpoint", str(int8_file), "--config", str(tiny_cfg_path(tmp_path, tiny_cfg)),
+                       "--out", str(tmp_path / "c.safetensors")])
+
+
+def tiny_cfg_path(tmp_path, cfg):
+    cfg.to_json(tmp_path / "config.json")
+    return tmp_path / "config.json"
