@@ -9,7 +9,8 @@ setup(
     package_dir={"moshivis_kernels": "kernels"},
     install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
+        "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
         "bench": ["matplotlib", "nvtx", "bitsandbytes"],
         "serve": [],
     },

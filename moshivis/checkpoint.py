@@ -86,8 +86,8 @@ def quantized_keys(cfg: MoshiVisConfig) -> list[str]:
 
 def shard_files(path: str | Path) -> list[Path]:
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
+    if path.is_dir():  # Kyutai's release folder also holds the Mimi codec, `tokenizer-*.safetensors`
+        files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("tokenizer-"))
         if not files:
             raise CheckpointError(f"no *.safetensors file in directory {path}")
         return files

@@ -42,6 +42,9 @@ def test_shards_load_like_one_file_and_duplicates_are_refused(tmp_path, tiny_cfg
     loaded = checkpoint.load(tmp_path / "shards", tiny_cfg)
     assert set(loaded) == set(tiny_weights)
     assert all(torch.equal(loaded[k], tiny_weights[k]) for k in keys)
+    # Kyutai's release folder also holds the Mimi codec: not a shard of the language model.
+    save_file({"encoder.conv.weight": torch.ones(2)}, str(tmp_path / "shards" / "tokenizer-e351c8d8-checkpoint125.safetensors"))
+    assert set(checkpoint.load(tmp_path / "shards", tiny_cfg)) == set(tiny_weights)
     save_file({keys[0]: tiny_weights[keys[0]]}, str(tmp_path / "shards" / "c.safetensors"))
     with pytest.raises(CheckpointError, match=rf"duplicated keys \(1\): {keys[0]} \(again in c.safetensors\)"):
         checkpoint.load(tmp_path / "shards", tiny_cfg)

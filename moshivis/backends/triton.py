@@ -1,24 +1,26 @@
-"""The `triton` backend: the torch backend's frame with its ops replaced by `moshivis_kernels`.
+"""The `triton` backend: the torch backend's frame with every op of the model on `moshivis_kernels`.
 
-On Triton now: the input embedding sum, self-attention (RoPE + KV append + decode attention), the
-whole gated cross-attention block over the image KV pool, the depformer (all 8 codebook steps, one
-persistent launch per step plus its sampler) and sampling. Still PyTorch: the temporal projections,
-the FFN and the text head (issue [temporal]).
+Temporal step: the 17-token embedding sum; per layer norm1 fused into the QKV projection, RoPE + KV
+append + decode attention, the output projection with its residual, the whole gated cross-attention
+block over the image KV pool, norm2 fused into linear_in with the SiLU gate, linear_out with its
+residual; then out_norm and the text head. Depformer: one persistent launch per codebook step plus
+its sampler. Sampling: on the device. What remains PyTorch is bookkeeping (gathers of per-stream
+positions and sampling parameters, the token buffer in the engine).
 
 Kernels take some weights stacked (the 16 audio tables, the depformer's per-step and per-layer
 weights); the backend stacks them once and rebinds the engine's weight dict to views of the stacked
-tensors, so no weight is held twice.
+tensors, so no weight is held twice. With INT8 weights (`checkpoint.load(..., weights="int8")`) the
+temporal projections and the text head run on the int8 kernel; the cross-attention and depformer
+kernels take dense weights only so far, so their weights are dequantized once at start-up.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moshivis_kernels import (DepformerWeights, depformer_frame, depformer_workspace, embed_tokens,
-                              gated_cross_attention, sample_tokens, self_attention_decode)
+                              gated_cross_attention, linear, rms_norm, sample_tokens, self_attention_decode)
 
-from .. import reference as R
-from ..checkpoint import XA
+from ..checkpoint import XA, scale_key
 from .torch import TorchBackend
 
 
@@ -27,6 +29,14 @@ def restack(w: dict, keys: list[str]) -> torch.Tensor:
     stacked = torch.stack([w[k] for k in keys])
     w.update(zip(keys, stacked.unbind(0)))
     return stacked
+
+
+def dequantize(w: dict, keys: list[str], dtype: torch.dtype) -> None:
+    """In place: INT8 weights among `keys` become dense CB * SCB / 127 in `dtype` (their scales go)."""
+    for key in keys:
+        scb = w.pop(scale_key(key), None)
+        if scb is not None:
+            w[key] = (w[key].float() * (scb[:, None] / 127)).to(dtype)
 
 
 def depformer_weights(w: dict, cfg) -> DepformerWeights:
@@ -53,26 +63,43 @@ class TritonBackend(TorchBackend):
 
     def __init__(self, cfg, weights, state, pool):
         super().__init__(cfg, weights, state, pool)
-        w = weights
+        w, dtype = weights, weights["llm.text_emb.weight"].dtype
+        dense_only = [k for k in w if k.startswith(("depformer", "audio_linears", XA))
+                      or ".cross_attention.gate." in k]
+        dequantize(w, dense_only, dtype)
         self.audio_emb = restack(w, [f"audio_emb.{j}.weight" for j in range(cfg.n_q)])  # [n_q, card+1, dim]
         self.xa_wq = w[f"{XA}.in_proj_weight"][: cfg.dim]  # a view: rows [0, dim) of the shared in_proj
         self.depformer_w = depformer_weights(w, cfg)
         self._depformer_ws = {}  # batch size -> workspace (its cache and scratch)
+
+    def linear(self, key, x, **kwargs):
+        """x @ W^T for weight `key`, dense or INT8 (its scales at `scale_key(key)`)."""
+        return linear(x, self.w[key], self.w.get(scale_key(key)), **kwargs)
 
     def embed(self, inputs):
         return embed_tokens(inputs, self.w["llm.text_emb.weight"], self.audio_emb)
 
     def self_attention(self, i, x, rows, positions):
         p = f"llm.transformer.layers.{i}"
-        qkv = F.linear(R.rms_norm(x, self.w[f"{p}.norm1.alpha"]), self.w[f"{p}.self_attn.in_proj_weight"])
+        qkv = self.linear(f"{p}.self_attn.in_proj_weight", x, norm="rms", norm_alpha=self.w[f"{p}.norm1.alpha"])
         attn = self_attention_decode(qkv, self.state.kv[i], rows, positions, max_period=float(self.cfg.max_period))
-        return x + F.linear(attn, self.w[f"{p}.self_attn.out_proj.weight"])
+        return self.linear(f"{p}.self_attn.out_proj.weight", attn, residual=x, out=x)
 
     def cross_attention(self, i, x, image_slots):
         p, w = f"llm.transformer.layers.{i}", self.w
         return gated_cross_attention(x, w[f"{p}.norm_cross.alpha"].reshape(-1), self.xa_wq, self.pool.kv, image_slots,
                                      w[f"{XA}.out_proj.weight"], w[f"{p}.cross_attention.gate.alpha.0.weight"],
                                      w[f"{p}.cross_attention.gate.alpha.2.weight"], out=x)
+
+    def ffn(self, i, x):
+        p = f"llm.transformer.layers.{i}"
+        g = self.linear(f"{p}.gating.linear_in.weight", x, norm="rms", norm_alpha=self.w[f"{p}.norm2.alpha"],
+                        epilogue="silu_gate")
+        return self.linear(f"{p}.gating.linear_out.weight", g, residual=x, out=x)
+
+    def text_head(self, x):
+        h = rms_norm(x, self.w["llm.out_norm.alpha"])
+        return h, self.linear("llm.text_linear.weight", h).float()
 
     def depformer(self, h, text, rows, positions, forced):
         B, st = h.shape[0], self.state

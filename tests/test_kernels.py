@@ -1,0 +1,1605 @@
+"""Every Triton kernel against its plain PyTorch reference, in the Triton interpreter on CPU.
+
+Fresh random inputs per test, outputs pre-filled with NaN (or an impossible token) so unwritten
+elements fail, shapes that are not multiples of the block sizes, tolerances stated per dtype: fp32
+in the interpreter (its bf16 arithmetic is unreliable); bf16 and timing-free GPU checks run natively
+when a CUDA device is present and skip with that reason otherwise. One section per kernel file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moshivis_kernels.depformer as D
+from moshivis import checkpoint, reference
+from moshivis import reference as R
+from moshivis.checkpoint import XA
+from moshivis.config import tiny
+from moshivis_kernels import count_launches
+from moshivis_kernels import cross_attention as xa
+from moshivis_kernels import sampling as S
+from moshivis_kernels.embedding import embed_tokens, embed_tokens_reference
+from moshivis_kernels.linear import launch_config, linear, linear_reference, quantize_rowwise
+from moshivis_kernels.self_attention import (self_attention_decode, self_attention_decode_reference,
+                                             self_attention_workspace)
+
+import triton  # noqa: E402  (after moshivis_kernels, which picks the interpreter)
+import triton.language as tl  # noqa: E402
+
+mod = importlib.import_module("moshivis_kernels.linear")  # the module: the package exports a function `linear`
+
+
+# ==================================================================================================
+# Embedding and self-attention (temporal step)
+#
+# Temporal-transformer kernels against plain PyTorch, in the interpreter on CPU (fp32, 1e-4):
+# self-attention decode (RoPE + KV ring-buffer append + windowed attention) and the input embedding sum.
+#
+# The interpreter's bf16 conversions truncate instead of rounding, so bf16 is checked only by the static
+# audit (bench/audit.py); here every tensor is fp32.
+# ==================================================================================================
+FP32_TOL_temporal = {"atol": 1e-4, "rtol": 1e-4}
+NAN = float("nan")
+
+# (heads, head_dim, context, launches of the combine kernel): one split; two splits, the second one
+# partial; ten splits, most of them empty while the window fills.
+SA_SHAPES = [(2, 16, 37, 0), (2, 128, 37, 1), (1, 128, 300, 1)]
+
+
+def _positions(scenario: str, B: int, ctx: int, gen: torch.Generator) -> torch.Tensor:
+    """Absolute positions: before the window fills, at the wrap, far past it, or all of these."""
+    choices = {
+        "filling": [0, 1, ctx // 2, ctx - 2],
+        "wrap": [ctx - 1, ctx, ctx + 1],
+        "far": [5 * ctx + 3, 7 * ctx - 1, 9 * ctx],
+    }
+    pool = sum(choices.values(), []) if scenario == "mixed" else choices[scenario]
+    pool = pool + [int(torch.randint(0, ctx, (1,), generator=gen)) if scenario == "filling"
+                   else int(torch.randint(ctx, 10 * ctx, (1,), generator=gen))]
+    pick = torch.randint(0, len(pool), (B,), generator=gen)
+    pick[: min(B, len(pool))] = torch.arange(min(B, len(pool)))  # every listed case when B allows
+    return torch.tensor(pool, dtype=torch.int64)[pick]
+
+
+def _written(kv_shape, rows, positions) -> torch.Tensor:
+    """[S, context] True where this call appends (slot rows[b], index positions[b] % context)."""
+    S, _, ctx = kv_shape[:3]
+    mask = torch.zeros(S, ctx, dtype=torch.bool)
+    mask[rows.long(), positions % ctx] = True
+    return mask
+
+
+# ---- self-attention decode ----------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", ["filling", "wrap", "far", "mixed"])
+@pytest.mark.parametrize("H, D, ctx, combines", SA_SHAPES)
+def test_self_attention_decode_matches_reference(gen, H, D, ctx, combines, scenario):
+    B = int(torch.randint(1, 10, (1,), generator=gen))
+    S = 2 * B + 3
+    # layer 1 of a two-layer cache filled with "history"; streams in scattered slots
+    kv_all = torch.randn(2, S, 2, ctx, H, D, generator=gen)
+    kv = kv_all[1]
+    before = kv_all.clone()
+    rows = torch.randperm(S, generator=gen)[:B].to(torch.int32 if scenario == "far" else torch.int64)
+    positions = _positions(scenario, B, ctx, gen)
+    qkv = torch.randn(B, 3 * H * D + 5, generator=gen)[:, : 3 * H * D]  # row stride != width
+    out = torch.full((B, H * D + 3), NAN)[:, : H * D]
+
+    kv_ref = kv.clone()
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions)
+    with count_launches() as launches:
+        got = self_attention_decode(qkv, kv, rows, positions, out=out)
+    assert got is out
+    assert launches == {"self_attention_decode": 1, **({"self_attention_combine": 1} if combines else {})}
+    torch.testing.assert_close(got, want, **FP32_TOL_temporal)
+
+    written = _written(kv.shape, rows, positions)
+    torch.testing.assert_close(kv.transpose(1, 2)[written], kv_ref.transpose(1, 2)[written], **FP32_TOL_temporal)
+    assert torch.equal(kv.transpose(1, 2)[~written], before[1].transpose(1, 2)[~written])  # rest untouched
+    assert torch.equal(kv_all[0], before[0])  # the other layer too
+
+
+def test_self_attention_decode_streaming_matches_model_reference(gen):
+    """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
+    the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
+    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)  # head_dim 128: two splits
+    dim, H, D, ctx = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context
+    p = "llm.transformer.layers.0"
+    w = {f"{p}.norm1.alpha": torch.rand(1, 1, dim, generator=gen) + 0.5,
+         f"{p}.self_attn.in_proj_weight": torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim),
+         f"{p}.self_attn.out_proj.weight": torch.randn(dim, dim, generator=gen) / math.sqrt(dim)}
+    S = 6
+    rows = torch.tensor([5, 1, 3])
+    positions = torch.tensor([0, ctx - 6, 5 * ctx - 3])
+    kv_model = torch.randn(S, 2, ctx, H, D, generator=gen)  # history of slots' previous users
+    kv_kernel, kv_mine = kv_model.clone(), kv_model.clone()
+    workspace = self_attention_workspace(3, H, D, ctx, "cpu")
+    assert workspace is not None
+
+    for _ in range(9):
+        x = torch.randn(3, dim, generator=gen)
+        want = R.self_attention(w, cfg, 0, x, kv_model, rows, positions)
+        qkv = F.linear(R.rms_norm(x, w[f"{p}.norm1.alpha"]), w[f"{p}.self_attn.in_proj_weight"])
+        project = lambda attn: x + F.linear(attn, w[f"{p}.self_attn.out_proj.weight"])  # noqa: E731
+        mine = project(self_attention_decode_reference(qkv, kv_mine, rows, positions, max_period=cfg.max_period))
+        torch.testing.assert_close(mine, want, atol=1e-6, rtol=1e-6)
+        assert torch.equal(kv_mine, kv_model)
+        workspace.fill_(NAN)
+        got = project(self_attention_decode(qkv, kv_kernel, rows, positions, max_period=cfg.max_period,
+                                            workspace=workspace))
+        torch.testing.assert_close(got, want, **FP32_TOL_temporal)
+        torch.testing.assert_close(kv_kernel, kv_model, **FP32_TOL_temporal)
+        positions = positions + 1
+
+
+@pytest.mark.parametrize("ctx, max_period", [(37, 500.0), (1, 10000.0), (2, 10000.0)])
+def test_self_attention_decode_small_context_and_other_max_period(gen, ctx, max_period):
+    """context 1: only the new token is visible; context 2: one older key; a non-default RoPE period."""
+    H, D = 2, 16
+    kv = torch.randn(3, 2, ctx, H, D, generator=gen)
+    kv_ref = kv.clone()
+    qkv = torch.randn(3, 3 * H * D, generator=gen)
+    rows, positions = torch.tensor([2, 0, 1]), torch.tensor([ctx + 4, 11, 0])
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions, max_period=max_period)
+    got = self_attention_decode(qkv, kv, rows, positions, max_period=max_period, out=torch.full((3, H * D), NAN))
+    torch.testing.assert_close(got, want, **FP32_TOL_temporal)
+    torch.testing.assert_close(kv, kv_ref, **FP32_TOL_temporal)
+    if ctx == 1:  # softmax over one key: the new v itself
+        torch.testing.assert_close(got, qkv[:, 2 * H * D:], **FP32_TOL_temporal)
+
+
+def test_self_attention_decode_empty_batch(gen):
+    H, D, ctx = 2, 16, 37
+    kv = torch.randn(3, 2, ctx, H, D, generator=gen)
+    before = kv.clone()
+    empty = torch.zeros(0, dtype=torch.int64)
+    with count_launches() as launches:
+        out = self_attention_decode(torch.randn(0, 3 * H * D), kv, empty, empty)
+    assert out.shape == (0, H * D) and launches == {} and torch.equal(kv, before)
+    assert self_attention_workspace(1, H, D, ctx, "cpu") is None  # one split: no scratch
+
+
+def _sa_inputs(H=2, D=16, ctx=5, B=3, S=4):
+    return {"qkv": torch.randn(B, 3 * H * D), "kv": torch.randn(S, 2, ctx, H, D),
+            "rows": torch.arange(B), "positions": torch.arange(B)}
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda a: a.update(qkv=a["qkv"][:, :-1]), "qkv"),
+    (lambda a: a.update(qkv=a["qkv"].to(torch.int32)), "qkv"),
+    (lambda a: a.update(qkv=a["qkv"].t().contiguous().t()), "qkv"),
+    (lambda a: a.update(kv=a["kv"][0]), "kv"),
+    (lambda a: a.update(kv=torch.randn(4, 3, 5, 2, 16)), "kv"),
+    (lambda a: a.update(kv=torch.randn(4, 2, 5, 2, 12), qkv=torch.randn(3, 72)), "kv"),  # head_dim not 2^k
+    (lambda a: a.update(kv=torch.randn(4, 2, 5, 16, 2).transpose(3, 4)), "kv"),
+    (lambda a: a.update(rows=a["rows"].float()), "rows"),
+    (lambda a: a.update(rows=a["rows"][:2]), "rows"),
+    (lambda a: a.update(positions=a["positions"][:, None]), "positions"),
+    (lambda a: a.update(positions=torch.arange(4)), "positions"),
+    (lambda a: a.update(max_period=0.0), "max_period"),
+    (lambda a: a.update(out=torch.empty(3, 31)), "out"),
+    (lambda a: a.update(out=torch.empty(3, 32, dtype=torch.int64)), "out"),
+    (lambda a: a.update(kv=torch.randn(4, 2, 40, 2, 128), qkv=torch.randn(3, 768),
+                        workspace=torch.empty(10)), "workspace"),
+    (lambda a: a.update(kv=torch.randn(4, 2, 40, 2, 128), qkv=torch.randn(3, 768),
+                        workspace=torch.empty(10**6, dtype=torch.float64)), "workspace"),
+])
+def test_self_attention_decode_rejects_bad_inputs(change, name):
+    args = _sa_inputs()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=name):
+        self_attention_decode(args.pop("qkv"), args.pop("kv"), args.pop("rows"), args.pop("positions"), **args)
+
+
+# ---- input embedding ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dim, n_q", [(600, 16), (64, 16), (37, 3)])
+def test_embed_tokens_matches_reference(gen, dim, n_q):
+    B = int(torch.randint(1, 10, (1,), generator=gen))
+    v_text, v_audio = 50, 21
+    text = torch.randn(v_text, dim, generator=gen)
+    audio = torch.randn(n_q, v_audio, dim + 4, generator=gen)[:, :, :dim]  # row stride != dim
+    buf = torch.randint(0, v_audio, (B, 1 + n_q, 3), generator=gen)  # like the engine's token buffer
+    buf[:, 0] = torch.randint(0, v_text, (B, 3), generator=gen)
+    buf[torch.rand(B, 1 + n_q, 3, generator=gen) < 0.25] = -1  # zero tokens
+    buf[0, :, 1] = -1  # a row of zero tokens only
+    tokens = buf[:, :, 1]  # a strided column
+    out = torch.full((B, dim), NAN)
+    with count_launches() as launches:
+        got = embed_tokens(tokens, text, audio, out=out)
+    assert got is out and launches == {"embed_tokens": 1}
+    torch.testing.assert_close(got, embed_tokens_reference(tokens, text, audio), **FP32_TOL_temporal)
+    assert torch.equal(got[0], torch.zeros(dim))  # exact zeros
+
+
+def test_embed_tokens_matches_model_embed_inputs(gen):
+    cfg = tiny()
+    w = {"llm.text_emb.weight": torch.randn(cfg.text_card + 1, cfg.dim, generator=gen)}
+    w |= {f"audio_emb.{j}.weight": torch.randn(cfg.audio_card + 1, cfg.dim, generator=gen) for j in range(cfg.n_q)}
+    B = 5
+    tokens = torch.randint(0, cfg.audio_card + 1, (B, 1 + cfg.n_q), generator=gen, dtype=torch.int32)
+    tokens[:, 0] = torch.tensor([cfg.text_card, 0, 3, -1, cfg.text_card - 1])  # initial, pad, zero tokens
+    tokens[2, 5:9] = -1
+    tokens[3, 1:] = cfg.audio_card  # initial audio token
+    stacked = torch.stack([w[f"audio_emb.{j}.weight"] for j in range(cfg.n_q)])
+    want = R.embed_inputs(w, cfg, tokens.long())
+    torch.testing.assert_close(embed_tokens_reference(tokens, w["llm.text_emb.weight"], stacked), want,
+                               atol=1e-6, rtol=1e-6)
+    got = embed_tokens(tokens, w["llm.text_emb.weight"], stacked, out=torch.full((B, cfg.dim), NAN))
+    torch.testing.assert_close(got, want, **FP32_TOL_temporal)
+
+
+def _emb_inputs():
+    return {"tokens": torch.zeros(2, 4, dtype=torch.int64), "text_emb": torch.randn(7, 8),
+            "audio_emb": torch.randn(3, 5, 8)}
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda a: a.update(tokens=a["tokens"][:, :3]), "tokens"),
+    (lambda a: a.update(tokens=a["tokens"].float()), "tokens"),
+    (lambda a: a.update(tokens=a["tokens"][0]), "tokens"),
+    (lambda a: a.update(text_emb=a["text_emb"][None]), "text_emb"),
+    (lambda a: a.update(text_emb=a["text_emb"].to(torch.int64)), "text_emb"),
+    (lambda a: a.update(text_emb=torch.randn(8, 7).t()), "text_emb"),
+    (lambda a: a.update(audio_emb=a["audio_emb"].double()), "audio_emb"),
+    (lambda a: a.update(audio_emb=a["audio_emb"][..., :6]), "audio_emb"),
+    (lambda a: a.update(audio_emb=a["audio_emb"][0]), "audio_emb"),
+    (lambda a: a.update(out=torch.empty(2, 9)), "out"),
+    (lambda a: a.update(out=torch.empty(2, 8, dtype=torch.bfloat16)), "out"),
+])
+def test_embed_tokens_rejects_bad_inputs(change, name):
+    args = _emb_inputs()
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=name):
+        embed_tokens(args.pop("tokens"), args.pop("text_emb"), args.pop("audio_emb"), **args)
+
+# ==================================================================================================
+# Weight-only linear: dense or INT8 weights, norm prologue, epilogues
+#
+# Weight-only linear (moshivis_kernels.linear) against plain PyTorch, in the interpreter on CPU.
+#
+# Weights: int8 (bitsandbytes row-wise, from quantize_rowwise) and dense fp32; dense bf16/fp16 weights
+# with fp32 activations (the interpreter converts them to fp32 exactly).
+# Tolerances: with fp32 activations, every weight format is exact in fp32 (|CB| <= 127, 16-bit floats),
+# so the kernel and the fp32 reference differ only by the order of fp32 sums (dot products, the norm's
+# statistics, the int8 scale applied after the sum rather than to each weight): rtol = atol = 1e-5 on
+# outputs of order 1 (observed <= ~8e-6). 16-bit activations: the kernel rounds the normed activations
+# and its fp32 result to x's dtype once each, like the reference, so the two differ by about an ulp of
+# the output: fp16 (ulp <= 2^-10 relative) rtol = atol = 2e-3 (observed <= ~7e-4); bf16 (ulp <= 2^-7,
+# and the interpreter truncates instead of rounding) rtol = atol = 1e-2.
+# ==================================================================================================
+FP32_TOL_linear = dict(rtol=1e-5, atol=1e-5)
+BF16_TOL = dict(rtol=1e-2, atol=1e-2)
+FP16_TOL = dict(rtol=2e-3, atol=2e-3)
+SPLIT_SMS = {False: 1, True: 132}  # pretend GPU size: 1 SM never splits K, 132 SMs splits small-N shapes
+DENSE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHTS = ["int8", "fp32"]
+VARIANTS = ["plain", "bias", "residual", "gate", "gate_bias_residual"]
+
+
+def _weight(kind, n_w, K, g):
+    """(weight, scale): int8 CB and SCB, or a dense weight and None; entries of order 1 / sqrt(K)."""
+    w = torch.randn(n_w, K, generator=g) / K ** 0.5
+    if kind == "int8":
+        return quantize_rowwise(w)
+    return w.to(DENSE[kind]), None
+
+
+def _problem_linear(seed, M, K, N, *, weight="int8", variant="plain", norm=None, dtype=torch.float32):
+    """linear() arguments: x [M, K] with a nonzero mean (so the var norm's centring matters), weights
+    (2N rows with the gate), outputs of order 1; bias / residual / gate as `variant` names them."""
+    g = torch.Generator().manual_seed(seed)
+    gate = variant.startswith("gate")
+    n_w = 2 * N if gate else N
+    w, scale = _weight(weight, n_w, K, g)
+    args = dict(x=(torch.randn(M, K, generator=g) + 0.5).to(dtype), weight=w, scale=scale,
+                bias=torch.randn(n_w, generator=g) if "bias" in variant else None,
+                residual=torch.randn(M, N, generator=g).to(dtype) if "residual" in variant else None,
+                epilogue="silu_gate" if gate else "none")
+    if norm is not None:
+        args.update(norm=norm, norm_alpha=torch.rand(1, 1, K, generator=g) + 0.5)  # the checkpoint's shape
+    return args
+
+
+def _nan_out(M, N, dtype=torch.float32):
+    return torch.full((M, N), float("nan"), dtype=dtype)
+
+
+def _check(args, tol=FP32_TOL_linear, **kwargs):
+    """linear() into a NaN-filled out against linear_reference()."""
+    M, N = args["x"].shape[0], args["weight"].shape[0] // (2 if args["epilogue"] == "silu_gate" else 1)
+    out = _nan_out(M, N, args["x"].dtype)
+    y = linear(**args, out=out, **kwargs)
+    assert y is out
+    torch.testing.assert_close(y.float(), linear_reference(**args).float(), **tol)
+
+
+@pytest.fixture(params=[False, True], ids=["nosplit", "splitk"])
+def split(request, monkeypatch):
+    monkeypatch.setattr(mod, "_num_sms", lambda index: SPLIT_SMS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("M", [1, 2, 3, 16, 65])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference(M, variant, weight, split):
+    K, N = 200, 77
+    args = _problem_linear(M * 31 + len(variant), M, K, N, weight=weight, variant=variant)
+    cfg = launch_config(M, N, K, gate=variant.startswith("gate"), weight_dtype=args["weight"].dtype,
+                        dot_fp32=True, norm=False, num_sms=SPLIT_SMS[split])
+    assert cfg.gemv == (M <= mod._GEMV_MAX_M) and (cfg.split_k > 1) == split
+    _check(args)
+
+
+@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("M", [1, 3, 16, 65])
+@pytest.mark.parametrize("norm", ["rms", "var"])
+@pytest.mark.parametrize("variant", ["plain", "bias", "residual", "gate"])
+def test_norm_prologue(M, norm, variant, weight, monkeypatch):
+    """rms / var norm fused before the product, with each epilogue; K and N are not block multiples.
+    Without split-K (norms with split-K: the long-K, strided-view and fp16 tests)."""
+    monkeypatch.setattr(mod, "_num_sms", lambda index: SPLIT_SMS[False])
+    args = _problem_linear(M * 7 + len(variant) + len(norm), M, 200, 77, weight=weight, variant=variant, norm=norm)
+    _check(args)
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("norm", ["rms", "var"])
+def test_norm_statistics_over_several_tiles(M, norm, monkeypatch):
+    """Statistics tiles narrower than K (with a tail), in the GEMV programs and in the stats launch."""
+    monkeypatch.setattr(mod, "_NORM_TILE", 128)
+    cfg = launch_config(M, 77, 200, gate=False, weight_dtype=torch.int8, dot_fp32=True, norm=True)
+    assert cfg.norm_block_k < 200 and 200 % cfg.norm_block_k
+    _check(_problem_linear(M, M, 200, 77, variant="bias", norm=norm))
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_var_norm_of_rows_with_a_large_mean(M):
+    """mean >> std: a one-pass sum(x^2) - sum(x)^2 / K would cancel to noise; two passes do not."""
+    args = _problem_linear(M, M, 200, 40, weight="fp32", norm="var")
+    args["x"] = args["x"] + 1000
+    args["norm_alpha"] = args["norm_alpha"] * 1e-3  # normed rows of order 1
+    _check(args)
+
+
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_long_k_many_splits(M, weight, split):
+    """K over several split-K ranges and not a multiple of any block; the norm's statistics still
+    cover the whole row in every split."""
+    _check(_problem_linear(M, M, 1000, 45, weight=weight, variant="gate_bias_residual", norm="rms"))
+
+
+@pytest.mark.parametrize("M", [1, 3, 65])
+@pytest.mark.parametrize("variant", ["bias_residual", "gate_bias_residual"])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_residual_in_place(M, variant, weight, split):
+    args = _problem_linear(7 + M, M, 200, 77, weight=weight, variant=variant, norm="rms")
+    expected = linear_reference(**args)
+    r = args["residual"]
+    y = linear(**args, out=r)
+    assert y is r
+    torch.testing.assert_close(r, expected, **FP32_TOL_linear)
+
+
+@pytest.mark.parametrize("M", [1, 2, 20])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_strided_views(M, weight, split):
+    """Non-contiguous x, residual and out are handled through their strides."""
+    K, N = 96, 40
+    args = _problem_linear(3 + M, M, 2 * K, N, weight=weight, norm="var")
+    args["x"] = args["x"][:, ::2]                                  # stride_xk = 2
+    args["weight"] = args["weight"][:, :K]                         # row stride 2K, unit stride along K
+    args["norm_alpha"] = args["norm_alpha"][..., :K]
+    g = torch.Generator().manual_seed(5)
+    args["residual"] = torch.randn(N, M, generator=g).t()          # stride_rm = 1
+    out = torch.full((M, 2 * N), float("nan"))[:, ::2]
+    y = linear(**args, out=out)
+    assert y is out
+    torch.testing.assert_close(y, linear_reference(**args), **FP32_TOL_linear)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("gate", [False, True])
+def test_weight_row_slice_of_a_bigger_tensor(M, weight, gate, split):
+    """A weight that is rows [a, a + N_w) and columns [c, c + K) of a stacked tensor (the depformer's
+    per-step slices), with the matching slice of the scales and bias."""
+    K, N = 72, 24
+    n_w = 2 * N if gate else N
+    g = torch.Generator().manual_seed(M + gate)
+    big, big_scale = _weight(weight, 3 * n_w, K + 5, g)
+    args = _problem_linear(M, M, K, N, weight=weight, variant="gate_bias" if gate else "bias", norm="rms")
+    args["weight"] = big[n_w:2 * n_w, 5:]
+    if big_scale is not None:
+        args["scale"] = big_scale[n_w:2 * n_w]
+    args["bias"] = torch.randn(3 * n_w, generator=g)[n_w:2 * n_w]
+    assert args["weight"].data_ptr() != big.data_ptr() and args["weight"].stride() == (K + 5, 1)
+    _check(args)
+
+
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("weight", ["int8", "bf16"])
+def test_bf16_activations_gemv(M, weight, split):
+    """GEMV path in bf16. Not the tl.dot path (the interpreter's bf16 tl.dot is wrong) nor the norm (the
+    interpreter truncates the normed activations to bf16, a one-signed error of up to 2^-7 each):
+    16-bit activations with a norm are checked in fp16 below, bf16 on a GPU."""
+    _check(_problem_linear(11 + M, M, 200, 77, weight=weight, variant="gate_bias_residual", dtype=torch.bfloat16), BF16_TOL)
+
+
+@pytest.mark.parametrize("M", [1, 2, 16, 65])
+@pytest.mark.parametrize("weight", ["int8", "fp16"])
+@pytest.mark.parametrize("norm", ["rms", "var"])
+def test_fp16_activations_with_norm(M, weight, norm, split):
+    """16-bit activations, GEMV and tl.dot paths: the normed activations are rounded to fp16 before
+    the product, as in the reference."""
+    _check(_problem_linear(13 + M, M, 200, 77, weight=weight, variant="gate_bias_residual", norm=norm, dtype=torch.float16),
+           FP16_TOL)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("weight", ["bf16", "fp16"])
+def test_16bit_weights_with_fp32_activations(M, weight, split):
+    """Mixed dtypes: 16-bit weights widened to fp32 (GEMV) or an fp32 tl.dot."""
+    _check(_problem_linear(M, M, 200, 77, weight=weight, variant="gate_bias_residual", norm="var"))
+
+
+# --- the reference ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_norms_are_the_models(dtype):
+    """linear_reference's prologue is moshivis.reference's rms_norm / var_norm (fp32, cast to x.dtype)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 64, generator=g) + 0.5).to(dtype)
+    w = torch.randn(24, 64, generator=g).to(dtype)
+    alpha = (torch.rand(1, 1, 64, generator=g) + 0.5).to(dtype)
+    for norm, model_norm in (("rms", R.rms_norm(x, alpha, 1e-8)), ("var", R.var_norm(x, alpha, 1e-8))):
+        expected = F.linear(model_norm.float(), w.float()).to(dtype)
+        got = linear_reference(x, w, norm=norm, norm_alpha=alpha, norm_eps=1e-8)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_reference_dequantizes_like_bitsandbytes():
+    """F.linear on CB * SCB / 127 equals F.linear(x, CB) * SCB / 127 (the kernel's order) in fp32."""
+    args = _problem_linear(0, 4, 64, 24, variant="bias")
+    x, cb, scb, b = args["x"], args["weight"], args["scale"], args["bias"]
+    torch.testing.assert_close(linear_reference(x, cb, scb, b), F.linear(x, cb.float()) * (scb / 127) + b, **FP32_TOL_linear)
+
+
+# --- launches and empty shapes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("M, norm, kernels", [
+    (1, None, {"linear.gemv": 1}),
+    (1, "rms", {"linear.gemv": 1}),
+    (16, None, {"linear.mm": 1}),
+    (16, "var", {"linear.norm_stats": 1, "linear.mm": 1}),
+])
+def test_linear_launch_counts(M, norm, kernels, split):
+    args = _problem_linear(0, M, 200, 77, norm=norm)
+    with count_launches() as launches:
+        linear(**args)
+    assert launches == {**kernels, **({"linear.splitk_reduce": 1} if split else {})}
+
+
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_empty_shapes(weight):
+    args = _problem_linear(0, 0, 32, 8, weight=weight, norm="rms")
+    assert linear(**args).shape == (0, 8)
+    b = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    w, scale = (torch.zeros(8, 0, dtype=torch.int8), torch.ones(8)) if weight == "int8" else (torch.zeros(8, 0), None)
+    y = linear(torch.zeros(2, 0), w, scale, b, out=_nan_out(2, 8))
+    torch.testing.assert_close(y, b.expand(2, 8))  # K = 0: only the bias
+
+
+# --- quantize_rowwise -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rowwise_round_trip(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(37, 203, generator=g) * torch.rand(37, 1, generator=g) * 5).to(dtype)
+    w[3] = 0  # an all-zero row
+    cb, scb = quantize_rowwise(w)
+    assert cb.dtype == torch.int8 and scb.dtype == torch.float32 and cb.shape == w.shape and scb.shape == (37,)
+    torch.testing.assert_close(scb, w.float().abs().amax(dim=1), rtol=0, atol=0)
+    assert cb.abs().max() == 127 and (cb[3] == 0).all()
+    err = (w.float() - cb.float() * scb[:, None] / 127).abs()
+    # half a quantization step, plus the fp32 rounding of the dequantization (ties are exactly at it)
+    assert (err <= scb[:, None] * (1 / 254 + 2 ** -22)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rowwise_equals_bitsandbytes(dtype):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(64, 300, generator=g) * 3).to(dtype)
+    cb_ref, scb_ref, outliers = bnb_functional.int8_vectorwise_quant(w.clone())
+    assert outliers is None
+    cb, scb = quantize_rowwise(w)
+    assert torch.equal(cb, cb_ref)
+    assert torch.equal(scb, scb_ref)
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+def _inputs():
+    return _problem_linear(0, 3, 32, 8, variant="bias_residual", norm="rms")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(weight=torch.zeros(8, 32, dtype=torch.int32)), "weight must have dtype"),
+    (dict(weight=torch.zeros(8, 31, dtype=torch.int8)), r"weight must have shape \[N, 32\]"),
+    (dict(weight=torch.zeros(32, 8, dtype=torch.int8).t()), "weight must be contiguous along K"),
+    (dict(weight=torch.zeros(8)), "weight must have 2 dimensions"),
+    (dict(scale=None), "int8 weight needs scale"),
+    (dict(weight=torch.zeros(8, 32)), "scale is only for int8 weight"),
+    (dict(scale=torch.ones(9)), "scale must be a contiguous"),
+    (dict(scale=torch.ones(16)[::2]), "scale must be a contiguous"),
+    (dict(scale=torch.ones(8, dtype=torch.bfloat16)), "scale must have dtype"),
+    (dict(scale=torch.ones(8, 1)), "scale must have 1 dimensions"),
+    (dict(x=torch.zeros(3, 32, dtype=torch.int32)), "x must have dtype"),
+    (dict(x=torch.zeros(32)), "x must have 2 dimensions"),
+    (dict(bias=torch.ones(7)), "bias must be a contiguous"),
+    (dict(norm="layer"), "norm must be one of"),
+    (dict(norm_alpha=None), "norm='rms' needs norm_alpha"),
+    (dict(norm=None), "norm_alpha given without a norm"),
+    (dict(norm_alpha=torch.ones(33)), r"norm_alpha must have shape \[32\]"),
+    (dict(norm_alpha=torch.ones(2, 32)), r"norm_alpha must have shape \[32\]"),
+    (dict(norm_alpha=torch.ones(64)[::2]), "norm_alpha must have shape .* unit stride"),
+    (dict(norm_alpha=torch.ones(32, dtype=torch.int32)), "norm_alpha must have dtype"),
+    (dict(norm_alpha=[1.0] * 32), "norm_alpha must be a torch.Tensor"),
+    (dict(x=torch.zeros(3, 1), weight=torch.zeros(8, 1, dtype=torch.int8), norm="var", norm_alpha=torch.ones(1)),
+     "norm='var' needs x with K >= 2"),
+    (dict(residual=torch.zeros(3, 9)), r"residual must have shape \[3, 8\]"),
+    (dict(out=torch.zeros(3, 8, dtype=torch.bfloat16)), "out must have dtype"),
+    (dict(out=torch.zeros(4, 8)), r"out must have shape \[3, 8\]"),
+    (dict(epilogue="gelu"), "epilogue must be one of"),
+    (dict(weight=torch.zeros(7, 32, dtype=torch.int8), scale=torch.ones(7), bias=None, residual=None,
+          epilogue="silu_gate"), "even number of weight rows"),
+])
+def test_linear_bad_inputs_name_the_argument(change, match):
+    kwargs = {**_inputs(), **change}
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear(**kwargs)
+
+
+def test_out_must_not_overlap_inputs():
+    kw = _inputs()
+    big = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        linear(big[:, :32], kw["weight"], kw["scale"], out=big[:, 32:])
+    alpha = torch.zeros(64)
+    with pytest.raises(ValueError, match="out must not overlap norm_alpha"):
+        linear(kw["x"], kw["weight"], kw["scale"], norm="rms", norm_alpha=alpha[:32], out=alpha[8:32].view(3, 8))
+    res = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="out may alias residual only exactly"):
+        linear(kw["x"], kw["weight"], kw["scale"], residual=res[:3], out=res[1:])
+
+
+# --- static audit and GPU checks --------------------------------------------------------------------
+
+def test_audit_cases_are_well_formed():
+    cases = mod.audit_cases()
+    assert len({c["name"] for c in cases}) == len(cases)
+    for c in cases:
+        assert set(c["signature"]) == set(c["fn"].arg_names), c["name"]
+        assert all(c["signature"][k] == "constexpr" for k in c["constexprs"]), c["name"]
+        assert all(c["signature"][k] == "i32" for k in c["int_values"]), c["name"]
+        assert c["num_warps"] in (4, 8) and c["num_stages"] >= 1
+    names = " ".join(c["name"] for c in cases)
+    for wname in ("bf16", "int8"):
+        for kernel in ("gemv", "mm"):
+            M = 1 if kernel == "gemv" else 64
+            assert f"{kernel}.{wname}.ffn_linear_in.M{M}.4096x22528.rms" in names
+            assert f"{kernel}.{wname}.dep_in_proj.M{M}.1024x3072.var" in names
+            assert f"{kernel}.{wname}.attn_out_proj.M{M}" in names
+    assert "linear.norm_stats.attn_in_proj.M64" in names
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    from bench.audit import compile_case
+    import importlib
+    mod = importlib.import_module("moshivis_kernels.linear")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    wanted = sys.argv[1].split(",")
+    report = {}
+    for case in mod.audit_cases():
+        if not any(w in case["name"] for w in wanted):
+            continue
+        r = compile_case(case, 90)
+        report[case["name"]] = {"spills": r["spills"], "max_load_bits": r["max_load_bits"],
+                                "loads_128": r["global_loads"].get(128, 0)}
+    print(json.dumps(report))
+""")
+
+
+def test_gemv_compiles_for_sm90_with_128bit_loads_and_no_spills():
+    """bench.audit's compile (sm_90a, no GPU needed) of GEMV cases: 16-byte weight loads (4 per step
+    for int8, 8 for bf16, plus x), no spills; a normed tl.dot case and the stats kernel: no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    wanted = ["gemv.int8.attn_out_proj.M1", "gemv.bf16.attn_out_proj.M1", "gemv.bf16.attn_in_proj.M1",
+              "gemv.int8.ffn_linear_in.M1", "mm.bf16.attn_in_proj.M64", "norm_stats.attn_in_proj"]
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, ",".join(wanted)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == len(wanted), report
+    for name, r in report.items():
+        assert r["spills"] == 0 and r["max_load_bits"] == 128, (name, r)
+        if ".gemv." in name:
+            assert r["loads_128"] >= (8 if ".bf16." in name else 4) + 1, (name, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (bf16 tl.dot is unreliable in the interpreter)")
+@pytest.mark.parametrize("weight", ["int8", "bf16"])
+@pytest.mark.parametrize("M", [1, 2, 5, 64, 256])
+@pytest.mark.parametrize("K, n_w, norm, epilogue, residual", [
+    (4096, 12288, "rms", "none", False), (4096, 4096, None, "none", True), (4096, 22528, "rms", "silu_gate", False),
+    (11264, 4096, None, "none", True), (1024, 5632, "var", "silu_gate", False), (4096, 32000, "rms", "none", False),
+])
+def test_bf16_real_shapes_gpu(weight, M, K, n_w, norm, epilogue, residual):
+    g = torch.Generator(device="cuda").manual_seed(M + K)
+    N = n_w // 2 if epilogue == "silu_gate" else n_w
+    x = (torch.randn(M, K, device="cuda", generator=g) + 0.5).bfloat16()
+    w = torch.randn(n_w, K, device="cuda", generator=g) / K ** 0.5
+    w, scale = quantize_rowwise(w) if weight == "int8" else (w.bfloat16(), None)
+    alpha = (torch.rand(1, 1, K, device="cuda", generator=g) + 0.5).bfloat16() if norm else None
+    r = torch.randn(M, N, device="cuda", generator=g).bfloat16() if residual else None
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    args = dict(norm=norm, norm_alpha=alpha, residual=r, epilogue=epilogue)
+    y = linear(x, w, scale, **args, out=out)
+    ref = linear_reference(x, w, scale, **args)
+    torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
+
+# ==================================================================================================
+# Gated cross-attention over the image KV pool
+#
+# Gated cross-attention kernels (moshivis_kernels.cross_attention) against plain PyTorch.
+#
+# Interpreter on CPU, fp32: the kernels and the fp32 references differ only in the order of fp32 sums
+# (blocked dot products, split online softmax), so rtol = atol = 1e-4 on outputs of order 1 (observed
+# ~1e-7). Rows without an image must equal x bit for bit. The bf16 check at the real sizes runs only
+# on a GPU (the interpreter's bf16 arithmetic is unreliable).
+# ==================================================================================================
+TOL = dict(rtol=1e-4, atol=1e-4)
+# The interpreter turns a loop bound given as a kernel argument into a scalar this way (its own quirk).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.fixture(params=[132, 1], ids=["h100", "1sm"])
+def sms(request, monkeypatch):
+    """Launch configs for an H100, and for 1 SM: wide column tiles (with tails) and few attention
+    splits, each of several key blocks (the online-softmax rescaling)."""
+    monkeypatch.setattr(xa, "_num_sms", lambda device: request.param)
+    return request.param
+
+
+def _problem_xattn(gen, B, *, H=2, D=16, N=37, S=3, G=8, slots=None, dtype=torch.float32, device="cpu"):
+    """Inputs of gated_cross_attention with unit-scale activations; slots mix shared images and -1."""
+    dim = H * D
+    in_proj = torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim)
+    if slots is None:
+        slots = torch.randint(-1, S, (B,), generator=gen)
+        slots[: min(B, 3)] = torch.tensor([0, -1, 0])[: min(B, 3)]  # a shared slot and a no-image row
+    p = dict(
+        x=torch.randn(B, dim, generator=gen),
+        norm_alpha=1 + 0.1 * torch.randn(1, 1, dim, generator=gen),
+        wq=in_proj[:dim],
+        image_kv=torch.randn(S, N, 2, H, D, generator=gen),
+        slots=torch.as_tensor(slots, dtype=torch.int32),
+        wo=torch.randn(dim, dim, generator=gen) / math.sqrt(dim),
+        gate_w0=torch.randn(G, dim, generator=gen) / math.sqrt(dim),
+        gate_w2=torch.randn(dim, G, generator=gen) / math.sqrt(G) + 0.5,  # gates away from 0
+    )
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in p.items()}
+
+
+def _nan(*shape, dtype=torch.float32, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _check_block(p, out, gate_mean):
+    ref_out, ref_mean = xa.gated_cross_attention_reference(**p)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(gate_mean, ref_mean, **TOL)
+    none = p["slots"] < 0
+    assert torch.equal(out[none].view(torch.int32), p["x"][none].view(torch.int32)), "no-image rows must be x"
+    assert torch.all(gate_mean[none] == 0)
+
+
+# ---- the whole block ------------------------------------------------------------------------------
+@pytest.mark.parametrize("N", [12, 37, 100, 1024])
+def test_block_matches_reference(gen, N, sms):
+    B = int(torch.randint(1, 10, (1,), generator=gen))
+    p = _problem_xattn(gen, B, N=N, H=3)  # dim 48: column tails with 1 SM  # the sign of zero survives a no-image row
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=_nan(B, p["x"].shape[1]), gate_mean=gate_mean)
+    _check_block(p, out, gate_mean)
+
+
+@pytest.mark.parametrize("slots", [[2], [-1], [-1, -1, -1], [1, 1, 1, 1, 1]],
+                         ids=["b1", "b1_none", "none", "one_image"])
+def test_block_edge_batches(gen, slots):
+    B = len(slots)
+    p = _problem_xattn(gen, B, N=70, slots=slots)
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=_nan(B, p["x"].shape[1]), gate_mean=gate_mean)
+    _check_block(p, out, gate_mean)
+
+
+@pytest.mark.parametrize("B", [1, 6, 40])
+def test_block_in_place(gen, B):
+    p = _problem_xattn(gen, B, N=37)
+    p["x"][p["slots"] < 0, 0] = -0.0  # the sign of zero survives a no-image row
+    x0 = p["x"].clone()
+    ref_out, ref_mean = xa.gated_cross_attention_reference(**p)
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=p["x"], gate_mean=gate_mean)
+    assert out is p["x"]
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(gate_mean, ref_mean, **TOL)
+    none = p["slots"] < 0
+    assert torch.equal(out[none].view(torch.int32), x0[none].view(torch.int32))
+
+
+def test_block_large_batch_shared_images(gen):
+    """tl.dot tiles (B > 8) over two row tiles, and a slot shared by more rows than one attention chunk."""
+    B = 70
+    slots = torch.randint(-1, 4, (B,), generator=gen)
+    slots[torch.randperm(B, generator=gen)[:20]] = 2  # >= 16 rows on slot 2: two chunks, rows scattered
+    p = _problem_xattn(gen, B, N=50, S=4, slots=slots)
+    cfg = xa._linear_config(B, p["x"].shape[1], p["x"].shape[1])
+    assert cfg["USE_DOT"] and cdiv(B, cfg["BLOCK_B"]) == 2
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=_nan(B, p["x"].shape[1]), gate_mean=gate_mean)
+    _check_block(p, out, gate_mean)
+
+
+def test_block_matches_model_reference(gen):
+    """Layer 1 of the tiny model through moshivis.reference.cross_attention (its own image K/V path)."""
+    cfg = tiny()
+    w = checkpoint.random_init(cfg, seed=3)
+    features = torch.randn(2, cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)
+    pool = reference.image_kv(w, cfg, features)  # [2, N, 2, H, D]
+    slots = torch.tensor([1, -1, 0, 1], dtype=torch.int64)
+    x = torch.randn(4, cfg.dim, generator=gen)
+    rows = pool[slots.clamp(min=0)]
+    expected = reference.cross_attention(w, cfg, 1, x, rows, slots >= 0)
+    p = "llm.transformer.layers.1"
+    out = xa.gated_cross_attention(
+        x, w[f"{p}.norm_cross.alpha"], w[f"{XA}.in_proj_weight"][: cfg.dim], pool, slots,
+        w[f"{XA}.out_proj.weight"], w[f"{p}.cross_attention.gate.alpha.0.weight"],
+        w[f"{p}.cross_attention.gate.alpha.2.weight"], out=_nan(4, cfg.dim))
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_block_launches_and_workspace(gen):
+    """Six launches; a workspace sized for more rows serves a smaller batch and gives the same result."""
+    p = _problem_xattn(gen, 5, N=37)
+    dim, G = p["x"].shape[1], p["gate_w0"].shape[0]
+    ws = xa.cross_attention_workspace(12, dim, 2, 37, G, torch.float32, "cpu")
+    for t in vars(ws).values():
+        t.fill_(float("nan"))
+    gate_mean = _nan(5)
+    with count_launches() as launches:
+        out = xa.gated_cross_attention(**p, out=_nan(5, dim), gate_mean=gate_mean, workspace=ws)
+    assert sum(launches.values()) == 6
+    _check_block(p, out, gate_mean)
+
+
+def test_wq_row_stride_view(gen):
+    """wq as a strided view (every other row of a bigger matrix) and a pool slice as image_kv."""
+    p = _problem_xattn(gen, 4, N=37)
+    dim = p["x"].shape[1]
+    big = torch.randn(2 * dim, dim, generator=gen) / math.sqrt(dim)
+    p["wq"] = big[::2]
+    p["image_kv"] = torch.randn(4, 37, 2, 2, 16, generator=gen)[1:]
+    out = xa.gated_cross_attention(**p, out=_nan(4, dim))
+    torch.testing.assert_close(out, xa.gated_cross_attention_reference(**p)[0], **TOL)
+
+
+# ---- the pieces -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("B", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_norm_q_projection(gen, B, with_slots, sms):
+    H, D = 3, 16  # dim 48: not a multiple of the column tiles
+    p = _problem_xattn(gen, B, H=H, D=D)
+    slots = p["slots"] if with_slots else None
+    q = xa.norm_q_projection(p["x"], p["norm_alpha"], p["wq"], slots=slots, out=_nan(B, H * D))
+    torch.testing.assert_close(q, xa.norm_q_projection_reference(p["x"], p["norm_alpha"], p["wq"], slots=slots), **TOL)
+
+
+@pytest.mark.parametrize("N", [5, 37, 1024])
+def test_image_attention(gen, N, sms):
+    B = int(torch.randint(1, 10, (1,), generator=gen))
+    p = _problem_xattn(gen, B, N=N, H=2, D=32)
+    q = torch.randn(B, 2, 32, generator=gen)
+    attn = xa.image_attention(q, p["image_kv"], p["slots"], out=_nan(B, 2, 32))
+    torch.testing.assert_close(attn, xa.image_attention_reference(q, p["image_kv"], p["slots"]), **TOL)
+    assert torch.all(attn[p["slots"] < 0] == 0)
+
+
+@pytest.mark.parametrize("B", [1, 7, 20])
+def test_gated_output(gen, B, sms):
+    p = _problem_xattn(gen, B, H=3, D=16, G=24)
+    attn = torch.randn(B, 48, generator=gen)
+    gate_mean = _nan(B)
+    out = xa.gated_output(p["x"], attn, p["slots"], p["wo"], p["gate_w0"], p["gate_w2"],
+                          out=_nan(B, 48), gate_mean=gate_mean)
+    ref_out, ref_mean = xa.gated_output_reference(p["x"], attn, p["slots"], p["wo"], p["gate_w0"], p["gate_w2"])
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(gate_mean, ref_mean, **TOL)
+
+
+def test_reference_equals_definition(gen):
+    """The kernel-side reference is the block's math written out once more, in fp32."""
+    p = _problem_xattn(gen, 5, N=37)
+    x, S = p["x"], p["slots"]
+    y = x * p["norm_alpha"].reshape(-1) / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+    q = (y @ p["wq"].T).view(5, 2, 16)
+    kv = p["image_kv"][S.clamp(min=0).long()]
+    att = torch.softmax(torch.einsum("bhd,bnhd->bhn", q, kv[:, :, 0]) / 4, -1)
+    a = torch.einsum("bhn,bnhd->bhd", att, kv[:, :, 1]).reshape(5, 32) @ p["wo"].T
+    g = torch.sigmoid(torch.relu(a @ p["gate_w0"].T) @ p["gate_w2"].T - 4)
+    expected = torch.where((S >= 0)[:, None], x + a * g, x)
+    torch.testing.assert_close(xa.gated_cross_attention_reference(**p)[0], expected, **TOL)
+
+
+# ---- launch configuration and audit ---------------------------------------------------------------
+@pytest.mark.parametrize("B", [1, 2, 8, 9, 64, 256])
+@pytest.mark.parametrize("N", [12, 37, 1024])
+def test_attention_config_splits_cover_keys(B, N):
+    cfg = xa._attention_config(B, 32, N)
+    n, kps, splits = cfg["BLOCK_N"], cfg["keys_per_split"], cfg["splits"]
+    assert kps % n == 0 and (splits - 1) * kps < N <= splits * kps  # no empty split, every key covered
+    assert cfg["BLOCK_ALL"] >= B
+
+
+def test_real_shape_configs_fill_the_gpu():
+    assert xa._attention_config(1, 32, 1024)["splits"] * 32 >= 2 * 132
+    cfg = xa._linear_config(1, 4096, 4096)
+    assert not cfg["USE_DOT"] and cdiv(4096, cfg["BLOCK_N"]) >= 2 * 132
+
+
+def test_audit_cases_describe_every_kernel():
+    kernels = {xa._rows_linear_kernel, xa._attn_split_kernel, xa._attn_combine_kernel, xa._gate_residual_kernel}
+    cases = xa.audit_cases()
+    assert {c["fn"] for c in cases} == kernels
+    for c in cases:
+        constexprs = xa._constexpr_params(c["fn"])
+        assert set(c["signature"]) == set(c["fn"].arg_names) - constexprs, c["name"]
+        assert set(c["constexprs"]) == constexprs, c["name"]
+        assert set(c["int_values"]) <= {n for n, t in c["signature"].items() if t == "i32"}, c["name"]
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def _bad(p, **changes):
+    return {**p, **changes}
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda p: dict(x=p["x"][0]), "x"),
+    (lambda p: dict(x=p["x"].long()), "x"),
+    (lambda p: dict(norm_alpha=p["norm_alpha"][..., :-1]), "norm_alpha"),
+    (lambda p: dict(wq=p["wq"][:, :-1]), "wq"),
+    (lambda p: dict(wq=p["wq"].double()), "wq"),
+    (lambda p: dict(wq=p["wq"].T), "wq"),  # last dimension not contiguous
+    (lambda p: dict(image_kv=p["image_kv"][:, :, :1]), "image_kv"),
+    (lambda p: dict(image_kv=p["image_kv"].to(torch.bfloat16)), "image_kv"),
+    (lambda p: dict(image_kv=p["image_kv"][..., :8]), "image_kv"),
+    (lambda p: dict(slots=p["slots"].float()), "slots"),
+    (lambda p: dict(slots=p["slots"][:-1]), "slots"),
+    (lambda p: dict(wo=p["wo"][:-1]), "wo"),
+    (lambda p: dict(gate_w0=p["gate_w0"].to(torch.bfloat16)), "gate_w0"),
+    (lambda p: dict(gate_w2=p["gate_w2"][:, :-1]), "gate_w2"),
+    (lambda p: dict(out=p["x"][:, :-1].clone()), "out"),
+    (lambda p: dict(gate_mean=torch.zeros(len(p["slots"]), dtype=torch.float64)), "gate_mean"),
+    (lambda p: dict(gate_mean=torch.zeros(len(p["slots"]) + 1)), "gate_mean"),
+    (lambda p: dict(workspace=xa.cross_attention_workspace(2, 32, 2, 37, 8, torch.float32, "cpu")), "workspace"),
+    (lambda p: dict(workspace=xa.cross_attention_workspace(4, 32, 2, 37, 8, torch.bfloat16, "cpu")), "workspace.q"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_names_the_argument(gen, change, name):
+    p = _problem_xattn(gen, 4, N=37)
+    with pytest.raises((ValueError, TypeError), match=name.replace(".", r"\.")):
+        xa.gated_cross_attention(**_bad(p, **change(p)))
+
+
+def test_out_overlapping_x_is_rejected(gen):
+    p = _problem_xattn(gen, 4, N=37)
+    buf = torch.zeros(5, p["x"].shape[1])
+    buf[:4] = p["x"]
+    with pytest.raises(ValueError, match="out must be x itself"):
+        xa.gated_cross_attention(**_bad(p, x=buf[:4], out=buf[1:]))
+
+
+def test_piece_bad_input(gen):
+    p = _problem_xattn(gen, 3, N=37)
+    with pytest.raises(ValueError, match="q"):
+        xa.image_attention(torch.randn(3, 2, 16, dtype=torch.float64), p["image_kv"], p["slots"])
+    with pytest.raises(ValueError, match="head_dim"):
+        xa.image_attention(torch.randn(3, 2, 12), torch.randn(1, 5, 2, 2, 12), p["slots"])
+    with pytest.raises(ValueError, match="attn"):
+        xa.gated_output(p["x"], torch.randn(3, 31), p["slots"], p["wo"], p["gate_w0"], p["gate_w2"])
+    with pytest.raises(ValueError, match="norm_alpha"):
+        xa.norm_q_projection(p["x"], torch.ones(31), p["wq"])
+
+
+# ---- GPU only -------------------------------------------------------------------------------------
+gpu_xattn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and sync checks)")
+
+
+@gpu_xattn
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_real_shapes_bf16_gpu(gen, B):
+    """Real sizes in bf16: the kernel's error vs the fp32 reference at most ~2x PyTorch's own bf16 error."""
+    p32 = _problem_xattn(gen, B, H=32, D=128, N=1024, S=4, G=512, device="cuda")
+    p16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in p32.items()}
+    exact = xa.gated_cross_attention_reference(**p32)[0]
+    torch_err = (xa.gated_cross_attention_reference(**p16)[0].float() - exact).abs().max()
+    out = xa.gated_cross_attention(**p16, gate_mean=torch.empty(B, device="cuda"))
+    assert (out.float() - exact).abs().max() <= 2 * torch_err + 1e-2
+
+
+@gpu_xattn
+def test_no_host_sync_gpu(gen):
+    p = _problem_xattn(gen, 8, H=4, D=64, N=300, device="cuda")
+    ws = xa.cross_attention_workspace(8, 256, 4, 300, 8, torch.float32, "cuda")
+    gate_mean = torch.empty(8, device="cuda")
+    xa.gated_cross_attention(**p, gate_mean=gate_mean, workspace=ws)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        xa.gated_cross_attention(**p, out=p["x"], gate_mean=gate_mean, workspace=ws)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+# ==================================================================================================
+# Sampling: greedy, temperature + top-k, Philox race
+#
+# moshivis_kernels.sampling against plain PyTorch (interpreter on CPU; fp32 logits unless stated).
+#
+# Sampled tokens are compared EXACTLY with sample_tokens_reference, which rebuilds the kernel's Philox
+# uniforms with int64 arithmetic; the reference's Philox is itself checked against published Philox4x32-10
+# test vectors and against triton's own tl.randint4x / tl.rand.
+# ==================================================================================================
+NO_TOKEN = -7  # outputs are pre-filled with this, so an unwritten row fails
+
+
+def _out(B):
+    return torch.full((B,), NO_TOKEN, dtype=torch.int64)
+
+
+def _row_params(B, V, g):
+    """Mixed per-row parameters: temperatures incl. 0 and < 0, top-k incl. 0, 1, V, > V and random."""
+    temperature = torch.tensor([0.0, 0.7, 1.3, -1.0, 0.8, 2.5, 0.05, 1.0, 0.6][:B], dtype=torch.float32)
+    top_k = torch.tensor([5, 0, 1, 3, V, V + 7, 2, int(torch.randint(1, V, (1,), generator=g)), 250][:B])
+    perm = torch.randperm(B, generator=g)
+    seed = torch.randint(-2**63, 2**63 - 1, (B,), generator=g, dtype=torch.int64)
+    frame = torch.randint(0, 2**40, (B,), generator=g, dtype=torch.int64)
+    return temperature[perm], top_k[perm], seed, frame
+
+
+def _chi2_pvalue(counts, probs):
+    """Pearson chi-square p-value of observed counts vs probabilities (bins with expected < 5 pooled)."""
+    n = counts.sum()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def _topk_probs(logits, temperature, k):
+    p = torch.softmax(logits.double() / temperature, -1)
+    if 0 < k < logits.numel():
+        p = torch.where(logits >= torch.topk(logits, k).values[-1], p, 0.0)
+    return p / p.sum()
+
+
+# ---- Philox ------------------------------------------------------------------------------------------
+def test_reference_philox_known_answers():
+    """Random123's kat_vectors for philox4x32_10 (counter words, key words -> output words)."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, (k0, k1), want in cases:
+        key = torch.tensor([k0 | (k1 << 32)], dtype=torch.uint64).view(torch.int64)
+        got = S.philox4x32_reference(key, *[torch.tensor([c], dtype=torch.int64) for c in ctr])
+        assert [int(w) for w in got] == list(want)
+
+
+@triton.jit
+def _randint4x_kernel(seed, offset_ptr, words_ptr, uniform_ptr, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    mask = i < N
+    offset = tl.load(offset_ptr + i, mask=mask, other=0)
+    w0, w1, w2, w3 = tl.randint4x(seed, offset)  # uint32 words, stored zero-extended
+    tl.store(words_ptr + 4 * i, w0.to(tl.int64), mask=mask)
+    tl.store(words_ptr + 4 * i + 1, w1.to(tl.int64), mask=mask)
+    tl.store(words_ptr + 4 * i + 2, w2.to(tl.int64), mask=mask)
+    tl.store(words_ptr + 4 * i + 3, w3.to(tl.int64), mask=mask)
+    tl.store(uniform_ptr + i, tl.rand(seed, offset), mask=mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1234, -5, 2**62 + 977])
+def test_reference_philox_matches_triton_randint4x_and_rand(seed):
+    g = torch.Generator().manual_seed(10)
+    N = 53
+    offset = torch.cat([torch.arange(5), torch.randint(0, 2**62, (N - 5,), generator=g)])
+    words = torch.full((N, 4), -1, dtype=torch.int64)
+    uniform = torch.full((N,), float("nan"))
+    _randint4x_kernel[(1,)](seed, offset, words, uniform, N, BLOCK=64)
+    key = torch.full((N,), seed, dtype=torch.int64)
+    zero = torch.zeros(N, dtype=torch.int64)
+    want = S.philox4x32_reference(key, offset & 0xFFFFFFFF, offset >> 32, zero, zero)
+    torch.testing.assert_close(words, torch.stack(want, dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(uniform, S.uint32_to_uniform_reference(want[0]), rtol=0, atol=0)
+
+
+# ---- greedy ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("V", [1, 37, 2048 + 5, 32000])
+def test_greedy_is_torch_argmax_with_planted_ties(V):
+    g = torch.Generator().manual_seed(V)
+    B = 7
+    logits = torch.randn(B, V, generator=g) * 3
+    for b in range(1, B):  # the same maximum at 2-3 places, across chunks for the larger V
+        where = torch.randperm(V, generator=g)[: min(V, 2 + b % 2)]
+        logits[b, where] = logits[b].max() + 1
+    logits[B - 1] = float("-inf")  # all equal: index 0
+    if V > 1:
+        logits[B - 2, :] = -1.0
+        logits[B - 2, V // 2], logits[B - 2, V - 1] = -0.0, 0.0  # -0.0 == +0.0: the first one wins
+    want = torch.argmax(logits, dim=-1)
+    torch.testing.assert_close(S.greedy_tokens(logits, out=_out(B)), want, rtol=0, atol=0)
+    torch.testing.assert_close(S.greedy_tokens_reference(logits), want, rtol=0, atol=0)
+    # temperature <= 0 rows of sample_tokens are greedy too, whatever their top-k
+    temperature = torch.tensor([0.0, -1.0] * 4)[:B]
+    top_k = torch.arange(B)
+    got = S.sample_tokens(logits, temperature, top_k, torch.arange(B), torch.zeros(B, dtype=torch.int64), 0,
+                          out=_out(B))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- exact agreement with the reference --------------------------------------------------------------
+@pytest.mark.parametrize("V", [37, 2048 + 5, 32000])
+@pytest.mark.parametrize("per_row_codebook", [False, True])
+def test_sampled_tokens_equal_reference(V, per_row_codebook):
+    g = torch.Generator().manual_seed(1000 * V + per_row_codebook)
+    B = int(torch.randint(1, 10, (1,), generator=g)) if V < 32000 else 4
+    logits = torch.randn(B, V, generator=g) * 2.5
+    logits[0, torch.randperm(V, generator=g)[:3]] = logits[0].max()  # ties at the top (top-k 1..3)
+    if B > 1:  # repeated values at the k-th place, and masked tokens
+        logits[1, torch.randperm(V, generator=g)[:6]] = 0.25
+        logits[1, torch.randperm(V, generator=g)[: V // 3]] = float("-inf")
+    temperature, top_k, seed, frame = _row_params(B, V, g)
+    codebook = torch.randint(0, 9, (B,), generator=g, dtype=torch.int32) if per_row_codebook else 3
+    got = S.sample_tokens(logits, temperature, top_k, seed, frame, codebook, out=_out(B))
+    want = S.sample_tokens_reference(logits, temperature, top_k, seed, frame, codebook)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sampled_tokens_strided_inputs_and_bf16_logits():
+    """Rows and parameters read through strides (columns of wider tensors); bf16 logits upcast to fp32."""
+    g = torch.Generator().manual_seed(7)
+    B, V = 5, 2048 + 5
+    wide = torch.randn(B, 3, V, generator=g).to(torch.bfloat16)
+    logits = wide[:, 1]  # row stride 3V
+    params = torch.rand(B, 2, generator=g) + 0.3
+    temperature = params[:, 1]
+    top_k = torch.tensor([[0, 1], [9, 250], [1, 2], [3, 0], [8, 5000]])[:, 1]
+    seed = torch.randint(0, 2**40, (B, 2), generator=g)[:, 0]
+    frame = torch.randint(0, 2**33, (B, 2), generator=g)[:, 1]
+    codebook = torch.arange(2 * B).reshape(B, 2)[:, 1]
+    out = torch.full((B, 9), NO_TOKEN, dtype=torch.int64)
+    S.sample_tokens(logits, temperature, top_k, seed, frame, codebook, out=out[:, 4])
+    want = S.sample_tokens_reference(logits.float(), temperature, top_k, seed, frame, codebook)
+    torch.testing.assert_close(out[:, 4], want, rtol=0, atol=0)
+    assert (out[:, :4] == NO_TOKEN).all() and (out[:, 5:] == NO_TOKEN).all()
+
+
+# ---- reproducibility per stream ----------------------------------------------------------------------
+def test_stream_draw_is_independent_of_batch_mates_and_position():
+    g = torch.Generator().manual_seed(3)
+    V = 301
+    row = torch.randn(1, V, generator=g) * 0.3  # flat: many tokens are likely
+    t, k, cb = torch.tensor([1.0]), torch.tensor([40]), 5
+    s, f = torch.tensor([987654321987]), torch.tensor([2**35 + 11])
+    alone = S.sample_tokens(row, t, k, s, f, cb, out=_out(1))
+    assert torch.equal(S.sample_tokens(row, t, k, s, f, cb), alone)  # same call again, same token
+    B = 6
+    for pos in (0, 2, B - 1):
+        logits = torch.randn(B, V, generator=g)
+        temperature, top_k = torch.rand(B, generator=g) + 0.5, torch.randint(0, V, (B,), generator=g)
+        seed, frame = torch.randint(0, 2**50, (B,), generator=g), torch.randint(0, 2**50, (B,), generator=g)
+        codebook = torch.randint(0, 9, (B,), generator=g)
+        logits[pos], temperature[pos], top_k[pos], seed[pos], frame[pos], codebook[pos] = row[0], t, k, s, f, cb
+        got = S.sample_tokens(logits, temperature, top_k, seed, frame, codebook, out=_out(B))
+        assert got[pos] == alone[0]
+
+
+def test_frames_codebooks_and_seeds_give_different_draws():
+    """One launch: 24 frames of one stream, the same frames at another codebook and with another seed."""
+    V, n = 1000, 24
+    logits = torch.zeros(3 * n, V)  # uniform: every token equally likely
+    frame = torch.arange(n).repeat(3)
+    seed = torch.tensor([11] * (2 * n) + [12] * n)
+    codebook = torch.tensor([1] * n + [2] * n + [1] * n)
+    tok = S.sample_tokens(logits, torch.ones(3 * n), torch.zeros(3 * n, dtype=torch.int64), seed, frame, codebook,
+                          out=_out(3 * n))
+    by_frame, other_cb, other_seed = tok[:n], tok[n: 2 * n], tok[2 * n:]
+    assert len(set(by_frame.tolist())) >= n - 3  # 24 draws from 1000 tokens rarely collide
+    assert (by_frame != other_cb).sum() >= n - 3 and (by_frame != other_seed).sum() >= n - 3
+
+
+# ---- top-k and the distribution ----------------------------------------------------------------------
+def test_top_k_never_returns_a_token_outside_the_top_k():
+    g = torch.Generator().manual_seed(5)
+    B, V = 160, 97
+    logits = torch.randn(B, V, generator=g)
+    top_k = torch.randint(1, 12, (B,), generator=g)
+    temperature = torch.rand(B, generator=g) * 20 + 5  # hot: a leak below the threshold would show
+    tok = S.sample_tokens(logits, temperature, top_k, torch.randint(0, 2**62, (B,), generator=g),
+                          torch.randint(0, 2**62, (B,), generator=g), 2, out=_out(B))
+    kth = torch.stack([torch.topk(logits[b], int(top_k[b])).values[-1] for b in range(B)])
+    assert (logits.gather(1, tok[:, None])[:, 0] >= kth).all()
+    assert len(set(tok.tolist())) > 50  # and the hot draws really spread over the kept tokens
+
+
+ALPHA = 1e-3  # significance level of the chi-square tests; all seeds fixed, so they are deterministic
+
+
+def test_kernel_draws_follow_softmax_top_k():
+    """800 draws of one stream (frames 0..799, seed 2024) at fixed logits, T 0.8, top-k 6."""
+    g = torch.Generator().manual_seed(0)
+    V, k, T, n = 29, 6, 0.8, 800
+    row = torch.randn(V, generator=g)
+    tok = S.sample_tokens(row.expand(n, V).contiguous(), torch.full((n,), T), torch.full((n,), k),
+                          torch.full((n,), 2024), torch.arange(n), 4, out=_out(n))
+    counts = torch.bincount(tok, minlength=V)
+    probs = _topk_probs(row, T, k)
+    assert counts[probs == 0].sum() == 0
+    assert _chi2_pvalue(counts, probs) > ALPHA
+
+
+@pytest.mark.parametrize("V,k,T,n", [(29, 6, 0.8, 50_000), (200, 0, 1.5, 20_000), (2048, 250, 0.8, 5_000)])
+def test_reference_draws_follow_softmax_top_k(V, k, T, n):
+    """The reference, which the kernel equals token for token, with many more draws (fast in PyTorch)."""
+    g = torch.Generator().manual_seed(V)
+    row = torch.randn(V, generator=g) * 2
+    tok = S.sample_tokens_reference(row.expand(n, V), torch.full((n,), T), torch.full((n,), k),
+                                    torch.full((n,), 99), torch.arange(n), 1)
+    counts = torch.bincount(tok, minlength=V)
+    probs = _topk_probs(row, T, k)
+    assert counts[probs == 0].sum() == 0
+    assert _chi2_pvalue(counts, probs) > ALPHA
+
+
+def test_chi2_pvalue_helper():
+    """The p-value helper against known quantiles: chi2(df=5) 0.999-quantile is 20.515."""
+    stat_at = lambda p: float(torch.special.gammaincc(torch.tensor(2.5, dtype=torch.float64),  # noqa: E731
+                                                     torch.tensor(p / 2, dtype=torch.float64)))
+    assert math.isclose(stat_at(20.515), 1e-3, rel_tol=1e-3)
+    assert math.isclose(stat_at(11.070), 0.05, rel_tol=1e-3)
+
+
+# ---- launches and validation -------------------------------------------------------------------------
+def test_one_launch_per_call_and_empty_batch():
+    B, V = 3, 37
+    args = (torch.ones(B), torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+            torch.zeros(B, dtype=torch.int64), 0)
+    with count_launches() as n:
+        S.sample_tokens(torch.randn(B, V), *args)
+        S.greedy_tokens(torch.randn(B, V))
+    assert n == {"sample_tokens": 1, "greedy_tokens": 1}
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert S.sample_tokens(torch.randn(0, V), torch.ones(0), empty, empty, empty, 0).shape == (0,)
+
+
+def _good(B=3, V=37):
+    return dict(logits=torch.randn(B, V), temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int64),
+                seed=torch.zeros(B, dtype=torch.int64), frame=torch.zeros(B, dtype=torch.int64), codebook=1)
+
+
+@pytest.mark.parametrize("name,bad,err", [
+    ("logits", torch.randn(37), ValueError),
+    ("logits", torch.randn(3, 37, dtype=torch.float64), ValueError),
+    ("logits", torch.randn(3, 0), ValueError),
+    ("logits", torch.randn(37, 3).t(), ValueError),
+    ("logits", [[0.0] * 37] * 3, TypeError),
+    ("temperature", torch.ones(4), ValueError),
+    ("temperature", torch.ones(3, dtype=torch.float64), ValueError),
+    ("top_k", torch.zeros(3), ValueError),
+    ("top_k", torch.zeros(3, 1, dtype=torch.int64), ValueError),
+    ("seed", torch.zeros(3, dtype=torch.int32), ValueError),
+    ("frame", torch.zeros(2, dtype=torch.int64), ValueError),
+    ("codebook", -1, ValueError),
+    ("codebook", 1.0, TypeError),
+    ("codebook", True, TypeError),
+    ("codebook", torch.zeros(2, dtype=torch.int64), ValueError),
+    ("codebook", torch.zeros(3), ValueError),
+])
+def test_sampling_bad_inputs_name_the_argument(name, bad, err):
+    kwargs = _good()
+    kwargs[name] = bad
+    with pytest.raises(err, match=name):
+        S.sample_tokens(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)])
+def test_bad_out_names_the_argument(bad):
+    with pytest.raises(ValueError, match="out"):
+        S.sample_tokens(**_good(), out=bad)
+    with pytest.raises(ValueError, match="out"):
+        S.greedy_tokens(torch.randn(3, 37), out=bad)
+
+# ==================================================================================================
+# Depformer codebook step
+#
+# The depformer step kernel (moshivis_kernels.depformer) against its fp32 PyTorch reference.
+#
+# On CPU the kernel runs in the Triton interpreter, in fp32: a fused launch there has one program (the
+# grid barrier's single-program case); the multi-launch mode runs several programs. bf16 and the fused
+# launch over every SM run only on a GPU.
+# ==================================================================================================
+FP32 = dict(atol=1e-4, rtol=1e-4)
+BF16 = dict(atol=5e-2, rtol=5e-2)
+# odd sizes: no dimension a multiple of a block; head_dim 12 is not a power of two
+SMALL = dict(dim=40, dd=24, heads=2, layers=2, hidden=44, card=37, text_rows=29, steps=8)
+
+
+def random_weights(gen, *, dim, dd, heads, layers, hidden, card, text_rows, steps, dtype=torch.float32,
+                   device="cpu") -> D.DepformerWeights:
+    """Random weights in the stacked layout, scaled so activations stay O(1) through the layers."""
+    def r(*shape, scale=None):
+        t = torch.randn(*shape, generator=gen) * (shape[-1] ** -0.5 if scale is None else scale)
+        return t.to(dtype=dtype, device=device)
+
+    return D.DepformerWeights(
+        depformer_in=r(steps, dd, dim), text_emb=r(text_rows, dd, scale=1.0),
+        audio_emb=r(steps - 1, card + 1, dd, scale=1.0),
+        norm1=1 + r(layers, dd, scale=0.2), norm2=1 + r(layers, dd, scale=0.2),
+        in_proj=r(layers, steps * 3 * dd, dd), out_proj=r(layers, steps * dd, dd),
+        linear_in=r(layers, steps, 2 * hidden, dd), linear_out=r(layers, steps, dd, hidden),
+        audio_linears=r(steps, card, dd), num_heads=heads)
+
+
+def nan_workspace(w: D.DepformerWeights, B: int) -> D.DepformerWorkspace:
+    ws = D.depformer_workspace(w, B)
+    for t in (ws.x, ws.q, ws.g, ws.cache):
+        t.fill_(float("nan"))
+    return ws
+
+
+def tokens(gen, B: int, rows: int) -> torch.Tensor:
+    """Valid ids, with the zero token -1 in the first row and an id past the table in the last."""
+    t = torch.randint(0, rows, (B,), generator=gen)
+    t[0] = -1
+    if B > 1:
+        t[-1] = rows
+    return t
+
+
+def random_batch(gen) -> int:
+    return int(torch.randint(1, 10, (1,), generator=gen))
+
+
+# ---- the pieces, one phase at a time ----------------------------------------------------------------
+@pytest.mark.parametrize("path", ["fma", "dot"])
+def test_each_phase_matches_reference(gen, path):
+    """Each phase run alone (not fused, 3 programs) from the state the previous one left, against the
+    same piece in PyTorch; cache entries of later steps are NaN and must stay unread and unwritten."""
+    w = random_weights(gen, **SMALL)
+    B = 9 if path == "dot" else int(torch.randint(1, 9, (1,), generator=gen))
+    assert D._step_config(B, w.dim, w.dd, w.hidden, w.card, w.head_dim, 3).use_dot == (path == "dot")
+    step = int(torch.randint(1, w.steps - 1, (1,), generator=gen))
+    h = torch.randn(B, w.dim, generator=gen)
+    prev = tokens(gen, B, w.card + 1)
+    ws = nan_workspace(w, B)
+    ws.cache[:, :, :, :step] = torch.randn(w.num_layers, 2, B, step, w.dd, generator=gen)  # earlier steps
+    out = torch.full((B, w.card), float("nan"))
+    run = lambda p: D._launch(w, step, h, prev, ws, out, p, p + 1, False, 3)  # noqa: E731
+
+    run(0)
+    torch.testing.assert_close(ws.x, D.depformer_input_reference(w, step, h, prev), **FP32)
+    for layer in range(w.num_layers):
+        p = 1 + 4 * layer
+        x, cache = ws.x.clone(), ws.cache.clone()
+        run(p)
+        want_x = D.depformer_attention_reference(w, layer, step, x, cache)  # also fills cache entry `step`
+        torch.testing.assert_close(ws.q, D._var_norm(x, w.norm1[layer]) @ w.in_proj[layer, 3 * w.dd * step:][:w.dd].T,
+                                   **FP32)
+        torch.testing.assert_close(ws.cache[layer, :, :, :step + 1], cache[layer, :, :, :step + 1], **FP32)
+        assert ws.cache[layer + 1:, :, :, step].isnan().all() and ws.cache[:, :, :, step + 1:].isnan().all()
+        run(p + 1)
+        torch.testing.assert_close(ws.x, want_x, **FP32)
+
+        x = ws.x.clone()
+        run(p + 2)
+        gate, up = (D._var_norm(x, w.norm2[layer]) @ w.linear_in[layer, step].T).chunk(2, dim=-1)
+        torch.testing.assert_close(ws.g, torch.nn.functional.silu(gate) * up, **FP32)
+        run(p + 3)
+        torch.testing.assert_close(ws.x, D.depformer_ffn_reference(w, layer, step, x), **FP32)
+    x = ws.x.clone()
+    run(D.num_phases(w) - 1)
+    torch.testing.assert_close(out, x @ w.audio_linears[step].T, **FP32)
+
+
+# ---- whole steps and frames ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fused, programs", [(True, 1), (False, 3)])
+def test_steps_match_reference(gen, fused, programs):
+    """Every step of a frame (random previous tokens) against depformer_step_reference: logits and the
+    K/V the step adds to the cache."""
+    w = random_weights(gen, **SMALL)
+    B = random_batch(gen)
+    h = torch.randn(B, w.dim, generator=gen)
+    ws = nan_workspace(w, B)
+    cache = torch.zeros(w.num_layers, 2, B, w.steps, w.dd)
+    for k in range(w.steps):
+        prev = tokens(gen, B, w.text_emb.shape[0] if k == 0 else w.card + 1)
+        out = torch.full((B, w.card), float("nan"))
+        got = D.depformer_step(w, k, h, prev, ws, out=out, fused=fused, num_programs=programs)
+        assert got is out
+        torch.testing.assert_close(out, D.depformer_step_reference(w, k, h, prev, cache), **FP32)
+        torch.testing.assert_close(ws.cache[:, :, :, :k + 1], cache[:, :, :, :k + 1], **FP32)
+
+
+def test_dot_path_step_with_int32_tokens_and_strided_h(gen):
+    """B = 11 (the tl.dot path, a 16-row tile with 5 masked rows), h a column slice, prev int32."""
+    w = random_weights(gen, **{**SMALL, "steps": 3})
+    B = 11
+    h = torch.randn(B, w.dim + 7, generator=gen)[:, 3:3 + w.dim]
+    ws = nan_workspace(w, B)
+    cache = torch.zeros(w.num_layers, 2, B, w.steps, w.dd)
+    for k in range(w.steps):
+        prev = tokens(gen, B, w.card + 1).to(torch.int32)
+        got = D.depformer_step(w, k, h, prev, ws, out=torch.full((B, w.card), float("nan")))
+        torch.testing.assert_close(got, D.depformer_step_reference(w, k, h, prev, cache), **FP32)
+
+
+def test_bf16_cache(gen):
+    """A bf16 K/V cache (fp32 weights) against the reference keeping its cache in bf16 too. Loose: the
+    interpreter converts fp32 to bf16 by truncation, not round-to-nearest as the GPU and torch do."""
+    w = random_weights(gen, **{**SMALL, "steps": 3})
+    B = random_batch(gen)
+    h = torch.randn(B, w.dim, generator=gen)
+    ws = D.depformer_workspace(w, B, cache_dtype=torch.bfloat16)
+    cache = torch.zeros(w.num_layers, 2, B, w.steps, w.dd, dtype=torch.bfloat16)
+    for k in range(w.steps):
+        prev = tokens(gen, B, w.card + 1)
+        got = D.depformer_step(w, k, h, prev, ws)
+        torch.testing.assert_close(got, D.depformer_step_reference(w, k, h, prev, cache), **BF16)
+        torch.testing.assert_close(ws.cache[:, :, :, :k + 1], cache[:, :, :, :k + 1], **BF16)
+
+
+def test_frame_greedy_is_the_reference_argmax_chain(gen):
+    w = random_weights(gen, **SMALL)
+    B = random_batch(gen)
+    h = torch.randn(B, w.dim, generator=gen)
+    text = torch.randint(0, w.text_emb.shape[0], (B,), generator=gen)
+    logits = torch.full((B, w.steps, w.card), float("nan"))
+    toks = torch.full((B, w.steps), -7, dtype=torch.int64)
+    got_t, got_l = D.depformer_frame(w, h, text, nan_workspace(w, B), logits_out=logits, tokens_out=toks)
+    want_t, want_l = D.depformer_frame_reference(w, h, text)
+    assert got_t is toks and got_l is logits
+    assert torch.equal(got_t, want_t)
+    torch.testing.assert_close(got_l, want_l, **FP32)
+
+
+def test_frame_sampled_matches_reference_with_the_same_uniforms(gen):
+    """Per-row temperature (row 0 greedy), top-k, seed and frame: the same tokens as the reference
+    sampler given the reference logits, i.e. the sampler sees codebook 1 + k at step k."""
+    w = random_weights(gen, **SMALL)
+    B = max(2, random_batch(gen))
+    h = torch.randn(B, w.dim, generator=gen)
+    text = torch.randint(0, w.text_emb.shape[0], (B,), generator=gen)
+    temperature = torch.rand(B, generator=gen) + 0.5
+    temperature[0] = 0.0
+    top_k = torch.randint(0, w.card + 3, (B,), generator=gen)
+    seed = torch.randint(0, 2**62, (B,), generator=gen)
+    frame = torch.randint(0, 1000, (B,), generator=gen)
+    got_t, got_l = D.depformer_frame(w, h, text, nan_workspace(w, B), temperature=temperature, top_k=top_k,
+                                     seed=seed, frame=frame)
+    want_t, want_l = D.depformer_frame_reference(w, h, text, temperature=temperature, top_k=top_k, seed=seed,
+                                                 frame=frame)
+    assert torch.equal(got_t, want_t)
+    torch.testing.assert_close(got_l, want_l, **FP32)
+
+
+def test_frame_forced_tokens(gen):
+    w = random_weights(gen, **{**SMALL, "steps": 4})
+    B = random_batch(gen)
+    h = torch.randn(B, w.dim, generator=gen)
+    forced = torch.randint(0, w.card, (B, 1 + w.steps), generator=gen)
+    forced[0, 2] = -1
+    got_t, got_l = D.depformer_frame(w, h, forced[:, 0], nan_workspace(w, B), forced=forced, fused=False,
+                                     num_programs=2)
+    want_t, want_l = D.depformer_frame_reference(w, h, forced[:, 0], forced=forced)
+    assert torch.equal(got_t, forced[:, 1:])
+    torch.testing.assert_close(got_l, want_l, **FP32)
+
+
+# ---- Kyutai's keys: the golden tiny checkpoint ------------------------------------------------------------
+def test_golden_tiny_weights_match_moshivis_reference(gen, tiny_cfg, tiny_weights):
+    """The stacked layout reproduces moshivis.reference.depformer_step on Kyutai's keys, step by step,
+    K/V cache included ([L, B, 2, S, H, D] there, [L, 2, B, S, dd] here)."""
+    from moshivis.backends.triton import depformer_weights  # the runtime's stacking of Kyutai's keys
+    cfg, w = tiny_cfg, depformer_weights(dict(tiny_weights), tiny_cfg)
+    B = random_batch(gen)
+    h = torch.randn(B, cfg.dim, generator=gen)
+    ws = nan_workspace(w, B)
+    cache = torch.zeros(cfg.depformer_num_layers, B, 2, cfg.dep_q, cfg.depformer_num_heads, cfg.depformer_head_dim)
+    prev = torch.randint(0, cfg.text_card + 1, (B,), generator=gen)
+    prev[0] = -1
+    for k in range(cfg.dep_q):
+        want = R.depformer_step(tiny_weights, cfg, k, h, prev, cache)
+        got = D.depformer_step(w, k, h, prev, ws, out=torch.full((B, cfg.audio_card), float("nan")))
+        torch.testing.assert_close(got, want, **FP32)
+        theirs = cache.permute(0, 2, 1, 3, 4, 5).flatten(-2)[:, :, :, :k + 1]
+        torch.testing.assert_close(ws.cache[:, :, :, :k + 1], theirs, **FP32)
+        prev = want.argmax(-1)
+
+
+# ---- launches ------------------------------------------------------------------------------------------
+def test_depformer_launch_counts(gen):
+    """Fused: one launch per step (plus the sampler's); not fused: one per phase, 4 per layer + 2."""
+    w = random_weights(gen, **{**SMALL, "steps": 2, "layers": 1})
+    B = random_batch(gen)
+    h, prev = torch.randn(B, w.dim, generator=gen), torch.zeros(B, dtype=torch.int64)
+    ws = D.depformer_workspace(w, B)
+    with count_launches() as n:
+        D.depformer_step(w, 0, h, prev, ws)
+    assert n == {"depformer_step": 1}
+    with count_launches() as n:
+        D.depformer_step(w, 1, h, prev, ws, fused=False, num_programs=2)
+    assert n == {"depformer_step": D.num_phases(w)} and D.num_phases(w) == 6
+    with count_launches() as n:
+        D.depformer_frame(w, h, prev, ws)
+    assert n == {"depformer_step": 2, "greedy_tokens": 2}
+    ones = torch.ones(B, dtype=torch.int64)
+    with count_launches() as n:
+        D.depformer_frame(w, h, prev, ws, temperature=torch.ones(B), top_k=ones, seed=ones, frame=ones)
+    assert n == {"depformer_step": 2, "sample_tokens": 2}
+    with count_launches() as n:
+        D.depformer_step(w, 0, h[:0], prev[:0], D.depformer_workspace(w, 0))
+    assert n == {}
+
+
+def test_workspace_barrier_counter_is_left_at_zero(gen):
+    w = random_weights(gen, **{**SMALL, "steps": 2, "layers": 1})
+    ws = D.depformer_workspace(w, 2)
+    D.depformer_step(w, 0, torch.randn(2, w.dim, generator=gen), torch.zeros(2, dtype=torch.int64), ws)
+    assert ws.sync[0] == 0 and ws.sync[1] == D.num_phases(w) - 1  # one generation per barrier
+
+
+def test_audit_cases_cover_every_argument():
+    for case in D.audit_cases():
+        assert set(case["signature"]) == set(case["fn"].arg_names), case["name"]
+        assert all(case["signature"][k] == "constexpr" for k in case["constexprs"])
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_errors_naming_the_argument(gen):
+    w = random_weights(gen, **{**SMALL, "steps": 2, "layers": 1})
+    B = 3
+    h, prev, ws = torch.randn(B, w.dim), torch.zeros(B, dtype=torch.int64), D.depformer_workspace(w, B)
+    with pytest.raises(ValueError, match="step"):
+        D.depformer_step(w, 2, h, prev, ws)
+    with pytest.raises(ValueError, match="h must"):
+        D.depformer_step(w, 0, torch.randn(B, w.dim + 1), prev, ws)
+    with pytest.raises(ValueError, match="prev"):
+        D.depformer_step(w, 0, h, prev.float(), ws)
+    with pytest.raises(ValueError, match="prev"):
+        D.depformer_step(w, 0, h, prev[:2], ws)
+    with pytest.raises(ValueError, match="workspace.x"):
+        D.depformer_step(w, 0, h, prev, D.depformer_workspace(w, B + 1))
+    with pytest.raises(ValueError, match="out"):
+        D.depformer_step(w, 0, h, prev, ws, out=torch.empty(B, w.card + 1))
+    with pytest.raises(ValueError, match="num_programs"):
+        D.depformer_step(w, 0, h, prev, ws, num_programs=2)  # fused in the interpreter
+    with pytest.raises(ValueError, match="in_proj"):
+        D.depformer_step(D.DepformerWeights(**{**vars(w), "in_proj": w.in_proj[:, :-1]}), 0, h, prev, ws)
+    with pytest.raises(ValueError, match="linear_out"):
+        D.depformer_step(D.DepformerWeights(**{**vars(w), "linear_out": w.linear_out.to(torch.bfloat16)}),
+                         0, h, prev, ws)
+    with pytest.raises(ValueError, match="contiguous"):
+        D.depformer_step(D.DepformerWeights(**{**vars(w), "audio_linears": w.audio_linears.transpose(1, 2)
+                                               .contiguous().transpose(1, 2)}), 0, h, prev, ws)
+    with pytest.raises(ValueError, match="num_heads"):
+        D.depformer_step(D.DepformerWeights(**{**vars(w), "num_heads": 5}), 0, h, prev, ws)
+    with pytest.raises(ValueError, match="forced"):
+        D.depformer_frame(w, h, prev, ws, forced=torch.zeros(B, w.steps, dtype=torch.int64))
+    with pytest.raises(ValueError, match="together"):
+        D.depformer_frame(w, h, prev, ws, temperature=torch.ones(B))
+
+
+# ---- GPU only: bf16 and the fused launch over every SM --------------------------------------------------
+gpu_depformer = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter's bf16 is unreliable "
+                                                               "and it cannot run a multi-program grid barrier)")
+MID = dict(dim=512, dd=256, heads=4, layers=3, hidden=700, card=300, text_rows=333, steps=8)
+
+
+@gpu_depformer
+@pytest.mark.parametrize("B", [1, 7, 40])
+def test_gpu_bf16_fused_matches_unfused_and_reference(gen, B):
+    """bf16 weights at a mid size, fused over every SM (grid barriers between phases): repeated launches
+    are bit-identical (no atomics on data), and agree with one launch per phase and with the reference."""
+    w = random_weights(gen, **MID, dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(B, w.dim, generator=gen).to("cuda", torch.bfloat16)
+    ws_a, ws_b = D.depformer_workspace(w, B), D.depformer_workspace(w, B)
+    cache = torch.zeros(w.num_layers, 2, B, w.steps, w.dd, device="cuda")
+    prev = torch.randint(0, w.text_emb.shape[0], (B,), generator=gen).cuda()
+    for k in range(w.steps):
+        fused = D.depformer_step(w, k, h, prev, ws_a)
+        for _ in range(3):
+            assert torch.equal(D.depformer_step(w, k, h, prev, ws_a), fused)
+        unfused = D.depformer_step(w, k, h, prev, ws_b, fused=False)
+        torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused, D.depformer_step_reference(w, k, h, prev, cache), **BF16)
+        prev = fused.argmax(-1)
+    assert ws_a.sync[0].item() == 0
+
+
+@gpu_depformer
+def test_gpu_frame_replays_in_a_cuda_graph(gen):
+    """The 8 cooperative step launches and the sampler's, captured once and replayed: the same tokens
+    and logits as eager launches."""
+    w = random_weights(gen, **MID, dtype=torch.bfloat16, device="cuda")
+    B = 5
+    h = torch.randn(B, w.dim, generator=gen).to("cuda", torch.bfloat16)
+    text = torch.randint(0, w.text_emb.shape[0], (B,), generator=gen).cuda()
+    ws = D.depformer_workspace(w, B)
+    want_t, want_l = D.depformer_frame(w, h, text, ws)
+    logits = torch.zeros(B, w.steps, w.card, device="cuda")
+    toks = torch.zeros(B, w.steps, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
+        D.depformer_frame(w, h, text, ws, logits_out=logits, tokens_out=toks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        D.depformer_frame(w, h, text, ws, logits_out=logits, tokens_out=toks)
+    logits.zero_()
+    toks.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(toks, want_t) and torch.equal(logits, want_l)
+
+
+# ==================================================================================================
+# RMSNorm rows (h = out_norm(x) before the text head and the depformer)
+# ==================================================================================================
+def test_rms_norm_matches_reference_and_model_norm(gen):
+    from moshivis_kernels.rms_norm import rms_norm, rms_norm_reference
+    B, dim = int(torch.randint(1, 10, (1,), generator=gen)), 2048 + 37  # two column blocks, the second partial
+    x = torch.randn(B, dim, generator=gen) * 3
+    alpha = 1 + 0.1 * torch.randn(1, 1, dim, generator=gen)
+    out = torch.full_like(x, float("nan"))
+    with count_launches() as n:
+        rms_norm(x, alpha, out=out)
+    assert n == {"rms_norm": 1}
+    torch.testing.assert_close(out, rms_norm_reference(x, alpha), rtol=1e-5, atol=1e-5)  # fp32 sum order
+    torch.testing.assert_close(rms_norm_reference(x, alpha), R.rms_norm(x, alpha), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"alpha must hold dim=2085 values"):
+        rms_norm(x, alpha[..., :-1])
+    with pytest.raises(ValueError, match=r"x must have 2 dimensions"):
+        rms_norm(x[None], alpha)
