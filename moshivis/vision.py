@@ -1,0 +1,151 @@
+"""Images in: Pillow + transformers' `SiglipVisionModel` -> features for `Engine.open_stream(image=...)`.
+
+MoshiVis encodes an image once with the SigLIP vision tower of PaliGemma2-448 (SPEC.md §5): 448x448
+input, patch 14, 27 layers, hidden 1152 -> 1024 tokens x 1152, its last hidden state (after the
+post-layernorm, no pooling head). Preprocessing as in Kyutai's server: RGB, resize to the model's
+square size (bicubic, aspect ratio not kept), scale to [0, 1], normalise with mean 0.5 and std 0.5.
+Kyutai resizes a uint8 tensor with torchvision (antialiased bicubic); Pillow's bicubic, used here,
+is the same filter and agrees with it to about one grey level, not bit for bit.
+
+Weights: the MoshiVis checkpoint holds the tower under `image_prefix.enc.model.*`; the rest of each
+key is the `SiglipVisionModel` key (transformers 5 has no `vision_model.` level in that model; a
+checkpoint that carries one is accepted too). A separate file may be given instead (a SigLIP or
+PaliGemma checkpoint: prefixes in `PREFIXES`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+try:
+    from PIL import Image, UnidentifiedImageError
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("moshivis.vision needs Pillow and transformers (pip install 'moshivis-kernels[chat]')") from e
+
+# Where the vision tower's keys live, tried in order: MoshiVis, PaliGemma (new and old layouts),
+# a SiglipVisionModel saved with its `vision_model.` level; bare keys last.
+PREFIXES = ("image_prefix.enc.model.", "model.vision_tower.vision_model.", "vision_tower.vision_model.",
+            "vision_model.", "")
+MEAN, STD = 0.5, 0.5
+
+
+class VisionError(ValueError):
+    """A missing or unreadable image, or SigLIP weights that do not load."""
+
+
+def paligemma2_448() -> SiglipVisionConfig:
+    """The vision tower MoshiVis uses (Kyutai's `load_paligemma_vision_encoder` sizes)."""
+    return SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                              image_size=448, patch_size=14, vision_use_head=False)
+
+
+def load_vision_config(path: str | Path) -> SiglipVisionConfig:
+    """A SiglipVisionConfig from JSON: its own fields, or a PaliGemma/SigLIP config's `vision_config`."""
+    try:
+        values = json.loads(Path(path).read_text())
+        values = dict(values.get("vision_config", values))
+        values.setdefault("vision_use_head", False)
+        known = set(SiglipVisionConfig().to_dict()) - {"model_type"}
+        return SiglipVisionConfig(**{k: v for k, v in values.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise VisionError(f"vision config {path} is not a readable SigLIP vision config JSON: {e}") from e
+
+
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB Pillow image (alpha dropped, greyscale replicated); a clear error for a bad file."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise VisionError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise VisionError(f"image file {path} is not an image Pillow can read") from e
+    except Image.DecompressionBombError as e:
+        raise VisionError(f"image file {path} is too large to decode safely: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VisionError(f"image file {path} is corrupt or truncated: {e}") from e
+
+
+def preprocess(image: str | Path | Image.Image, size: int) -> torch.Tensor:
+    """pixel values [3, size, size]: RGB, bicubic resize to size x size, [0, 1], (x - 0.5) / 0.5."""
+    im = open_image(image).resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    return (x.permute(2, 0, 1).float() / 255 - MEAN) / STD
+
+
+class ImageEncoder:
+    """`encode(image) -> features [num_tokens, hidden]` with a loaded SiglipVisionModel."""
+
+    def __init__(self, model: SiglipVisionModel):
+        self.model = model.eval()
+        cfg = model.config
+        self.image_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        self.num_tokens = (self.image_size // cfg.patch_size) ** 2
+        self.hidden_size = cfg.hidden_size
+
+    @classmethod
+    def load(cls, path: str | Path, config: SiglipVisionConfig | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> "ImageEncoder":
+        """The tower's weights from a `.safetensors` file or a folder of them (only those tensors are
+        read); config default: PaliGemma2-448. Strict: missing, unexpected and mis-shaped keys are
+        reported."""
+        from safetensors import SafetensorError, safe_open
+        config = paligemma2_448() if config is None else config
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+        elif path.is_file() and path.suffix == ".safetensors":
+            files = [path]
+        elif path.exists():
+            raise VisionError(f"SigLIP weights {path} are not a .safetensors file (pickles are never loaded)")
+        else:
+            raise VisionError(f"SigLIP weights {path} do not exist")
+        model = SiglipVisionModel(config)
+        target = getattr(model, "vision_model", model)  # transformers 4 nests the tower one level down
+        expected = target.state_dict()
+        state: dict[str, torch.Tensor] = {}
+        try:
+            for f in files:
+                with safe_open(str(f), framework="pt") as st:
+                    keys = list(st.keys())
+                    prefix = next((p for p in PREFIXES if any(k.startswith(p) and k[len(p):] in expected
+                                                              for k in keys)), None)
+                    if prefix is None:
+                        continue
+                    for k in keys:
+                        if k.startswith(prefix) and (prefix or k in expected):
+                            state[k[len(prefix):]] = st.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise VisionError(f"SigLIP weights {path} are not a readable safetensors file: {e}") from e
+        if not state:
+            raise VisionError(f"no SigLIP vision weights in {path} (looked for keys under "
+                              f"{', '.join(repr(p) for p in PREFIXES if p)} or bare SiglipVisionModel keys); "
+                              "pass the image encoder's weights separately (--siglip FILE)")
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k}: expected {list(expected[k].shape)}, found {list(v.shape)}"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                    if keys]
+        if problems:
+            raise VisionError(f"SigLIP weights in {path} do not match the vision config (image_size "
+                              f"{config.image_size}, hidden {config.hidden_size}, {config.num_hidden_layers} "
+                              "layers):\n  " + "\n  ".join(problems))
+        target.load_state_dict(state)
+        return cls(model.to(device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def encode(self, image: str | Path | Image.Image) -> torch.Tensor:
+        """features [num_tokens, hidden] (the model's dtype) for `Engine.open_stream(image=...)`."""
+        p = next(self.model.parameters())
+        pixels = preprocess(image, self.image_size)[None].to(device=p.device, dtype=p.dtype)
+        # Kyutai asks for interpolated position embeddings; at the model's own size they are unchanged.
+        return self.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[0]
