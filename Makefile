@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup bench test audit clean
+.PHONY: setup bench test audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 audit: $(STAMP)
 	$(PY) -m bench.audit --arch sm_90a
+
+suite-cpu: $(STAMP)
+	$(PY) -m bench.gpu_suite --allow-cpu --out out/suite-cpu
+
+bench-host: $(STAMP)
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-compare
 
 clean:
 	rm -rf $(VENV) *.egg-info
