@@ -9,9 +9,10 @@ setup(
     package_dir={"moshivis_kernels": "kernels"},
     install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
+        "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
+                "websockets>=17.4"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
         "bench": ["matplotlib", "nvtx", "bitsandbytes"],
-        "serve": [],
+        "serve": ["websockets>=17.4"],
     },
 )

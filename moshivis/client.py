@@ -1,0 +1,213 @@
+"""Client of `moshivis.server`: one conversation from files, and the `Client` class it uses.
+
+python -m moshivis.client [--host 127.0.0.1] [--port 8998] --tokens USER.safetensors
+       [--image IMAGE.safetensors] --out OUT.safetensors [--seed N] [--greedy]
+       [--temperature-text T] [--top-k-text K] [--temperature-audio T] [--top-k-audio K]
+       [--ahead N | --realtime] [--row B]
+
+USER.safetensors holds the user's audio tokens [num_audio_in, T] (key `user_audio_tokens`, or the
+file's only tensor; a [B, num_audio_in, T] tensor, as in the golden stream files, needs --row).
+IMAGE.safetensors holds image-encoder features [num_image_tokens, image_encoder_dim] (key
+`image_features` or the only tensor; [B, ...] needs --row). OUT.safetensors gets `tokens`
+[1 + dep_q, F] (text token then audio codebooks per frame, -2 during warm-up) for the stream's
+frames 0 .. F-1, F being the frame of the last input, and `input_frames` [T]: the frame each input
+landed in. F == T unless the server fed silence in some frame because an input was late.
+
+Pacing: by default up to --ahead frames (4) are in flight (sent, not yet answered), which keeps the
+server's queue for this stream non-empty; --realtime sends one frame per server tick instead, like
+a microphone, one frame ahead (a one-frame jitter buffer).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from . import protocol as P
+from .engine import SamplingParams
+
+
+class ServerError(RuntimeError):
+    """The server refused a request or ended the session; `code` is the protocol's code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Client:
+    """One WebSocket session. `recv()` returns decoded messages, None once the connection is closed."""
+
+    def __init__(self, ws: ClientConnection, limits: P.Limits):
+        self.ws, self.limits = ws, limits
+        self.opened: dict | None = None
+
+    @classmethod
+    async def connect(cls, host: str = "127.0.0.1", port: int = 8998, limits: P.Limits | None = None,
+                      open_timeout: float = 10.0) -> "Client":
+        limits = limits or P.Limits()
+        ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
+                           max_size=limits.max_message_bytes)
+        return cls(ws, limits)
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send(data)
+
+    async def recv(self) -> P.Message | None:
+        try:
+            return P.decode(await self.ws.recv(), self.limits)
+        except ConnectionClosed:
+            return None
+
+    async def open(self, seed: int = 0, sampling: SamplingParams | None = None,
+                   image: torch.Tensor | None = None, ref=None) -> dict:
+        """Open the stream and wait for the answer: the `opened` header, or ServerError."""
+        await self.send(P.open_message(seed, sampling, image, ref))
+        msg = await self.recv()
+        if msg is None:
+            raise ServerError("closed", "the server closed the connection before answering the open")
+        if msg.type == "refused":
+            raise ServerError(msg.header["code"], msg.header["reason"])
+        if msg.type == "error":
+            raise ServerError(msg.header["code"], msg.header["message"])
+        if msg.type != "opened":
+            raise ServerError("bad_message", f"expected 'opened', got {msg.type!r}")
+        self.opened = msg.header
+        return msg.header
+
+    async def audio(self, tokens: torch.Tensor, ref=None) -> None:
+        await self.send(P.audio_message(tokens, ref))
+
+    async def set_image(self, image: torch.Tensor | None, ref=None) -> None:
+        await self.send(P.image_message(image, ref))
+
+    async def close(self, ref=None) -> None:
+        """Ask the server to close the stream (it answers `closed`, then closes the connection)."""
+        await self.send(P.close_message(ref))
+
+    async def aclose(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+async def converse(host: str, port: int, user_tokens: torch.Tensor, image: torch.Tensor | None = None,
+                   seed: int = 0, sampling: SamplingParams | None = None, ahead: int = 4,
+                   realtime: bool = False) -> dict[str, torch.Tensor]:
+    """One conversation: user_tokens [num_audio_in, T] in; `tokens` [1 + dep_q, F] and `input_frames` [T]."""
+    if user_tokens.dim() != 2:
+        raise ValueError(f"user tokens must be [num_audio_in, T], got shape {list(user_tokens.shape)}")
+    T = user_tokens.shape[1]
+    async with await Client.connect(host, port) as c:
+        opened = await c.open(seed, sampling, image)
+        ahead = max(1, min(ahead, opened["max_queued_frames"]))
+        frames: dict[int, torch.Tensor] = {}
+        input_frames = [-1] * T
+        sent = answered = 0
+
+        async def pace():  # --realtime: one frame per tick after a one-frame jitter buffer
+            nonlocal sent
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for t in range(T):
+                await asyncio.sleep(max(0.0, start + (t - 1) * opened["tick_ms"] / 1e3 - loop.time()))
+                await c.audio(user_tokens[:, t])
+                sent += 1
+
+        pacer = asyncio.create_task(pace()) if realtime else None
+        try:
+            if not realtime:
+                for t in range(min(ahead, T)):
+                    await c.audio(user_tokens[:, t])
+                sent = min(ahead, T)
+            while answered < T:
+                msg = await c.recv()
+                if msg is None:
+                    raise ServerError("closed", f"the server closed the connection after {answered}/{T} frames")
+                if msg.type == "frame":
+                    frames[msg.header["frame"]] = msg.tensors["tokens"].to(torch.int64)
+                    if msg.header["seq"] is not None:
+                        input_frames[msg.header["seq"]] = msg.header["frame"]
+                        answered += 1
+                        if not realtime and sent < T:
+                            await c.audio(user_tokens[:, sent])
+                            sent += 1
+                elif msg.type in ("error", "shutdown", "refused"):
+                    raise ServerError(msg.header.get("code", msg.type),
+                                      msg.header.get("message") or msg.header.get("reason", ""))
+            await c.close()
+            while (msg := await c.recv()) is not None and msg.type != "closed":
+                pass
+        finally:
+            if pacer is not None:
+                pacer.cancel()
+    last = input_frames[-1] if T else -1
+    width = opened["config"]["num_codebooks_out"]
+    tokens = torch.stack([frames[f] for f in range(last + 1)], dim=1) if last >= 0 \
+        else torch.empty(width, 0, dtype=torch.int64)
+    return {"tokens": tokens, "input_frames": torch.tensor(input_frames, dtype=torch.int64)}
+
+
+def _read(path: str, key: str, row: int | None, ndim: int) -> torch.Tensor:
+    tensors = load_file(path)
+    if key in tensors:
+        t = tensors[key]
+    elif len(tensors) == 1:
+        t = next(iter(tensors.values()))
+    else:
+        raise SystemExit(f"{path}: no tensor {key!r} and more than one tensor ({sorted(tensors)})")
+    if t.dim() == ndim + 1:
+        if row is None:
+            raise SystemExit(f"{path}: tensor of shape {list(t.shape)} holds several streams; pick one with --row")
+        t = t[row]
+    if t.dim() != ndim:
+        raise SystemExit(f"{path}: expected a {ndim}-d tensor, got shape {list(t.shape)}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8998)
+    ap.add_argument("--tokens", required=True, help="user audio tokens [num_audio_in, T] (.safetensors)")
+    ap.add_argument("--image", help="image features [num_image_tokens, image_encoder_dim] (.safetensors)")
+    ap.add_argument("--out", required=True, help="output .safetensors: tokens [1 + dep_q, F], input_frames [T]")
+    ap.add_argument("--row", type=int, help="stream row of a batched [B, ...] file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--greedy", action="store_true", help="temperature 0 (argmax) for text and audio")
+    defaults = SamplingParams()
+    ap.add_argument("--temperature-text", type=float, default=defaults.temperature_text)
+    ap.add_argument("--top-k-text", type=int, default=defaults.top_k_text)
+    ap.add_argument("--temperature-audio", type=float, default=defaults.temperature_audio)
+    ap.add_argument("--top-k-audio", type=int, default=defaults.top_k_audio)
+    ap.add_argument("--ahead", type=int, default=4, help="frames in flight")
+    ap.add_argument("--realtime", action="store_true", help="send one frame per server tick")
+    args = ap.parse_args(argv)
+    sampling = SamplingParams.greedy() if args.greedy else SamplingParams(
+        args.temperature_text, args.top_k_text, args.temperature_audio, args.top_k_audio)
+    user = _read(args.tokens, "user_audio_tokens", args.row, 2)
+    image = _read(args.image, "image_features", args.row, 2) if args.image else None
+    try:
+        result = asyncio.run(converse(args.host, args.port, user, image, args.seed, sampling, args.ahead,
+                                      args.realtime))
+    except (ServerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_file({k: v.contiguous() for k, v in result.items()}, args.out)
+    silent = result["tokens"].shape[1] - user.shape[1]
+    print(f"{args.out}: {result['tokens'].shape[1]} frames for {user.shape[1]} inputs"
+          + (f" ({silent} frames of silence where input was late)" if silent else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

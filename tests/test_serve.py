@@ -1,0 +1,700 @@
+"""The streaming server, its wire protocol, client and load generator, on the tiny preset.
+
+Everything runs over loopback (127.0.0.1) with every wait bounded. The oracle for tokens is a plain
+`Engine` running each stream alone with the same seed, inputs and image changes: the server's
+`frame` replies say which input (or silence) each frame consumed and `image_set` from which frame
+an image applies, so the exact sequence the engine saw can be replayed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import queue
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moshivis import Engine, SamplingParams, preset, random_init
+from moshivis import protocol as P
+from moshivis.client import Client, ServerError
+from moshivis.client import main as client_main
+from moshivis.server import Server, ServerConfig
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the engine thread and the event loop share 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def weights(cfg):
+    return random_init(cfg, seed=0)
+
+
+def run(coro, timeout: float = 60.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def serving(engine: Engine, **config):
+    config = {"mode": "lockstep", "tick_ms": 2000.0, **config}
+    server = await Server(engine, ServerConfig(host=HOST, port=0, **config)).start()
+    try:
+        yield server
+    finally:
+        await server.shutdown("test finished")
+
+
+def features(cfg, gen) -> torch.Tensor:
+    return torch.randn(cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)
+
+
+async def talk(port: int, seed: int, user: torch.Tensor, sampling: SamplingParams | None = None,
+               image: torch.Tensor | None = None, image_changes: dict | None = None, ahead: int = 2,
+               start_delay: float = 0.0) -> dict:
+    """One conversation: `user` [8, T] with at most `ahead` frames in flight; `image_changes`
+    {input index: features or None} sends an image message just before that input."""
+    await asyncio.sleep(start_delay)
+    image_changes = image_changes or {}
+    async with await Client.connect(HOST, port) as c:
+        await c.open(seed, sampling, image)
+        T = user.shape[1]
+        sent = answered = 0
+        frames, events, pending = {}, [], {}
+
+        async def send_next():
+            nonlocal sent
+            if sent in image_changes:
+                pending[f"img{sent}"] = image_changes[sent]
+                await c.set_image(image_changes[sent], ref=f"img{sent}")
+            await c.audio(user[:, sent], ref=sent)
+            sent += 1
+
+        for _ in range(min(ahead, T)):
+            await send_next()
+        while answered < T:
+            msg = await c.recv()
+            assert msg is not None, "server closed the connection"
+            if msg.type == "frame":
+                h = msg.header
+                frames[h["frame"]] = (h["seq"], msg.tensors["tokens"].to(torch.int64))
+                if h["seq"] is not None:
+                    assert h["ref"] == h["seq"]
+                    answered += 1
+                    if sent < T:
+                        await send_next()
+            elif msg.type == "image_set":
+                events.append((msg.header["from_frame"], pending.pop(msg.header["ref"])))
+            else:
+                raise AssertionError(f"unexpected reply {msg.header}")
+        await c.close()
+        while (msg := await c.recv()) is not None:
+            if msg.type == "closed":
+                assert msg.header["frames"] >= len(frames)
+    return {"frames": frames, "images": events}
+
+
+def replay_alone(engine: Engine, cfg, seed: int, sampling, image, user: torch.Tensor, record: dict) -> tuple:
+    """The same stream through `engine` alone: (server tokens, engine tokens), both [9, F]."""
+    frames = record["frames"]
+    assert sorted(frames) == list(range(len(frames))), "frames must be numbered 0, 1, ... without gaps"
+    sid = engine.open_stream(seed=seed, image=image, sampling=sampling)
+    silence = torch.full((cfg.num_audio_in,), -1)
+    want = []
+    for f in range(len(frames)):
+        for from_frame, img in record["images"]:
+            if from_frame == f:
+                engine.set_image(sid, img)
+        seq = frames[f][0]
+        want.append(engine.step((silence if seq is None else user[:, seq])[None], [sid])[0])
+    engine.close_stream(sid)
+    return torch.stack([frames[f][1] for f in range(len(frames))], 1), torch.stack(want, 1)
+
+
+# ---- protocol -------------------------------------------------------------------------------------
+def test_protocol_round_trip_and_limits(cfg, gen):
+    limits = P.Limits.for_config(cfg)
+    tensors = {
+        "a": torch.randint(-2, 2000, (3, 5), generator=gen, dtype=torch.int64),
+        "b": torch.randint(-30000, 30000, (7,), generator=gen).to(torch.int16),
+        "c": torch.randn(2, 3, 4, generator=gen).to(torch.bfloat16),
+        "d": torch.randn(5, generator=gen).to(torch.float16)[::2],  # not contiguous
+    }
+    header = {"type": "frame", "frame": 3, "ref": "x", "nested": {"k": [1, 2.5, None]}}
+    data = P.encode(header, tensors, limits)
+    msg = P.decode(data, limits)
+    assert msg.header == header and list(msg.tensors) == list(tensors)
+    for k, t in tensors.items():
+        assert msg.tensors[k].dtype == t.dtype and torch.equal(msg.tensors[k], t)
+    # The layout: u32 LE header length, JSON header, raw little-endian bytes.
+    (hlen,) = struct.unpack_from("<I", data)
+    assert json.loads(data[4:4 + hlen])["tensors"][0] == {"name": "a", "dtype": "int64", "shape": [3, 5]}
+    assert data[4 + hlen:4 + hlen + 8] == int(tensors["a"][0, 0]).to_bytes(8, "little", signed=True)
+    empty = P.decode(P.encode({"type": "close"}, {"z": torch.zeros(0, 4)}), limits)
+    assert empty.tensors["z"].shape == (0, 4)
+
+    def bad(data, code, pattern):
+        with pytest.raises(P.ProtocolError, match=pattern) as e:
+            P.decode(data, limits)
+        assert e.value.code == code
+
+    good_head = json.dumps({"type": "audio", "tensors": [{"name": "tokens", "dtype": "int32", "shape": [8]}]}).encode()
+    bad("hello", "bad_message", "text WebSocket messages are not accepted")
+    bad(b"\x01\x02", "bad_message", "shorter than its 4-byte header length")
+    bad(struct.pack("<I", 10 ** 6) + b"{}", "too_large", "header of 1000000 bytes is over the limit of 4096")
+    bad(struct.pack("<I", 100) + b"{}", "bad_message", "runs past the end")
+    bad(struct.pack("<I", 5) + b"{abc}", "bad_message", "not UTF-8 JSON")
+    bad(struct.pack("<I", 4) + b"\xff\xfe{}", "bad_message", "not UTF-8 JSON")
+    bad(struct.pack("<I", 3) + b"[1]", "bad_message", "must be a JSON object")
+    bad(struct.pack("<I", 15) + b'{"type": NaN}  ', "bad_message", "NaN")
+    bad(struct.pack("<I", 4000) + b"[" * 2000 + b"]" * 2000, "bad_message", "nested too deeply")
+    bad(struct.pack("<I", 2) + b"{}", "bad_message", "no string field 'type'")
+    bad(struct.pack("<I", len(good_head)) + good_head + b"\0" * 31, "bad_message", "needs 32 bytes")
+    bad(struct.pack("<I", len(good_head)) + good_head + b"\0" * 33, "bad_message", "1 bytes after the last")
+    bad(struct.pack("<I", len(good_head)) + good_head + b"\0" * (limits.max_payload_bytes + 1), "too_large",
+        f"payload of {limits.max_payload_bytes + 1} bytes is over the limit")
+    for spec, pattern in [({"name": "t", "dtype": "float64", "shape": [1]}, "dtype 'float64' is not one of"),
+                          ({"name": "t", "dtype": "int32", "shape": [-1]}, "non-negative integers"),
+                          ({"name": "t", "dtype": "int32", "shape": [1, 1, 1, 1, 1]}, "at most 4"),
+                          ({"name": "t", "dtype": "int32"}, "exactly name, dtype, shape"),
+                          ({"name": "", "dtype": "int32", "shape": [1]}, "1 to 32 characters")]:
+        head = json.dumps({"type": "audio", "tensors": [spec]}).encode()
+        bad(struct.pack("<I", len(head)) + head + b"\0" * 4, "bad_message", pattern)
+    head = json.dumps({"type": "x", "tensors": [{"name": "t", "dtype": "float32", "shape": [1 << 30]}]}).encode()
+    bad(struct.pack("<I", len(head)) + head, "too_large", "over the payload limit")
+    head = json.dumps({"type": "x", "tensors": [{"name": "t", "dtype": "int32", "shape": [1]}] * 2}).encode()
+    bad(struct.pack("<I", len(head)) + head + b"\0" * 8, "bad_message", "listed twice")
+    with pytest.raises(P.ProtocolError, match="payload of .* over the limit"):
+        P.encode({"type": "x"}, {"t": torch.zeros(limits.max_payload_bytes // 4 + 1)}, limits)
+    with pytest.raises(P.ProtocolError, match="cannot be sent"):
+        P.encode({"type": "x"}, {"t": torch.zeros(2, dtype=torch.float64)})
+
+
+def test_protocol_requests_checked_against_config(cfg, gen):
+    limits = P.Limits.for_config(cfg)
+    n, c, q, card = cfg.num_image_tokens, cfg.image_encoder_dim, cfg.num_audio_in, cfg.audio_card
+    image = features(cfg, gen)
+
+    def parse(data):
+        return P.parse_request(P.decode(data, limits), cfg)
+
+    req = parse(P.open_message(7, SamplingParams(0.5, 3, 0.9, 11), image.to(torch.bfloat16), ref="r"))
+    assert (req.seed, req.sampling, req.ref) == (7, SamplingParams(0.5, 3, 0.9, 11), "r")
+    assert torch.equal(req.image, image.to(torch.bfloat16))
+    assert parse(P.open_message()).sampling == SamplingParams() and parse(P.open_message()).image is None
+    tokens = torch.randint(-1, card, (q,), generator=gen)
+    assert torch.equal(parse(P.audio_message(tokens, ref=3)).tokens, tokens)
+    assert parse(P.image_message(None)).image is None
+    assert isinstance(parse(P.close_message()), P.Close)
+
+    def bad(data, code, pattern):
+        with pytest.raises(P.ProtocolError, match=pattern) as e:
+            parse(data)
+        assert e.value.code == code
+
+    tok = torch.zeros(q, dtype=torch.int32)
+    bad(P.encode({"type": "dance"}), "bad_message", "unknown message type 'dance'")
+    bad(P.encode({"type": "audio", "foo": 1}, {"tokens": tok}), "bad_message", r"unknown header fields \['foo'\]")
+    bad(P.encode({"type": "audio"}, {"tokens": tok, "x": tok}), "bad_message", r"unexpected tensors \['x'\]")
+    bad(P.encode({"type": "audio"}), "bad_message", "tensor 'tokens' is missing")
+    bad(P.encode({"type": "close", "ref": "x" * 65}), "bad_message", "ref must be")
+    bad(P.encode({"type": "close", "ref": True}), "bad_message", "ref must be")
+    bad(P.encode({"type": "open", "seed": -1}), "bad_message", r"seed must be an integer in \[0, 2\*\*63\)")
+    bad(P.encode({"type": "open", "seed": 1.5}), "bad_message", "seed must be an integer")
+    bad(P.encode({"type": "open", "sampling": {"temperature_text": -1}}), "bad_message", "temperature_text must be")
+    bad(P.encode({"type": "open", "sampling": {"top_p": 1}}), "bad_message", "sampling must be an object with keys")
+    bad(P.audio_message(torch.zeros(q - 1)), "bad_tokens",
+        rf"shape \[{q}\] \(one frame of user codebooks\), got \[{q - 1}\]")
+    bad(P.encode({"type": "audio"}, {"tokens": torch.zeros(q)}), "bad_tokens", "integer tensor, got torch.float32")
+    bad(P.audio_message(tok.index_fill(0, torch.tensor([3]), card)), "bad_tokens",
+        rf"audio token {card} at codebook 3 is out of range \[-1, {card}\)")
+    bad(P.audio_message(tok.index_fill(0, torch.tensor([0]), -2)), "bad_tokens", "audio token -2 at codebook 0")
+    bad(P.open_message(image=image[:, :-1]), "bad_image", rf"shape \[{n}, {c}\] .* got \[{n}, {c - 1}\]")
+    bad(P.image_message(image.to(torch.int32)), "bad_image", "floating point")
+    bad(P.image_message(image.index_fill(0, torch.tensor([2]), float("nan"))), "bad_image", "NaN")
+
+
+# ---- the server -----------------------------------------------------------------------------------
+def test_32_concurrent_clients_match_each_stream_run_alone(cfg, weights, gen):
+    """32 clients joining at different times, sampling on, images attached, replaced, removed and
+    shared: every token equals the stream run alone through a plain Engine with the same seed."""
+    B = 32
+    engine = Engine(cfg, weights, max_streams=B)
+    shared = features(cfg, gen)
+    specs = []
+    for i in range(B):
+        T = 6 + i % 7
+        user = torch.randint(-1, cfg.audio_card, (cfg.num_audio_in, T), generator=gen)
+        sampling = [SamplingParams(), SamplingParams(1.0, 5, 1.2, 7), SamplingParams(0.7, 0, 0.8, 0)][i % 3]
+        image = [None, features(cfg, gen), shared][i % 3]
+        changes = {}
+        if i % 4 == 1:
+            changes = {T // 2: [features(cfg, gen), None, shared][i % 3]}
+        specs.append(dict(seed=1000 + i, user=user, sampling=sampling, image=image, image_changes=changes,
+                          start_delay=0.02 * (i % 9)))
+
+    async def scenario():
+        async with serving(engine) as server:
+            records = await asyncio.gather(*[talk(server.port, **s) for s in specs])
+            metrics = server.metrics
+            assert metrics.stream_frames == sum(len(r["frames"]) for r in records)
+            assert metrics.frames < metrics.stream_frames  # streams were batched together
+            return records
+
+    records = run(scenario())
+    assert engine.streams == [] and engine.pool.used == 0
+    alone = Engine(cfg, weights, max_streams=1)
+    for i, (s, record) in enumerate(zip(specs, records)):
+        assert sum(seq is not None for seq, _ in record["frames"].values()) == s["user"].shape[1]
+        assert len(record["images"]) == len(s["image_changes"])
+        got, want = replay_alone(alone, cfg, s["seed"], s["sampling"], s["image"], s["user"], record)
+        assert torch.equal(got, want), f"client {i}: tokens differ from the stream run alone"
+    # Sampling is on: the same stream greedy gives other tokens.
+    s, record = specs[0], records[0]
+    got, greedy = replay_alone(alone, cfg, s["seed"], SamplingParams.greedy(), s["image"], s["user"], record)
+    assert not torch.equal(got, greedy)
+
+
+def test_bad_messages_get_an_error_for_that_client_only(cfg, weights, gen):
+    engine = Engine(cfg, weights, max_streams=4)
+    limits = P.Limits.for_config(cfg)
+    q, card, n, c = cfg.num_audio_in, cfg.audio_card, cfg.num_image_tokens, cfg.image_encoder_dim
+    image = features(cfg, gen)
+    nan_image = image.index_fill(1, torch.tensor([5]), float("nan"))
+    tok = torch.zeros(q, dtype=torch.int32)
+    good = [dict(seed=i, user=torch.randint(-1, card, (q, 24), generator=gen), image=image if i else None)
+            for i in range(2)]
+    head = json.dumps({"type": "audio", "tensors": [{"name": "tokens", "dtype": "int32", "shape": [q]}]}).encode()
+    before_open = [
+        ("text", "bad_message", "text WebSocket messages are not accepted"),
+        (b"\x01\x02", "bad_message", "shorter than its 4-byte header"),
+        (struct.pack("<I", 10 ** 6) + b"{}", "too_large", "header of 1000000 bytes"),
+        (P.encode({"type": "audio"}, {"tokens": torch.zeros(limits.max_payload_bytes // 4 + 8, dtype=torch.int32)}),
+         "too_large", "payload of .* over the limit"),
+        (struct.pack("<I", 5) + b"{abc}", "bad_message", "not UTF-8 JSON"),
+        (P.encode({"type": "dance", "ref": 9}), "bad_message", "unknown message type 'dance'"),
+        (P.audio_message(tok), "out_of_order", "audio: before open"),
+        (P.image_message(image), "out_of_order", "image: before open"),
+        (P.close_message(), "out_of_order", "close: before open"),
+        (P.open_message(image=image[:-1]), "bad_image", rf"shape \[{n}, {c}\]"),
+        (P.encode({"type": "open", "sampling": {"temperature_text": -1}}), "bad_message", "temperature_text"),
+    ]
+    after_open = [
+        (P.open_message(), "out_of_order", "already opened a stream"),
+        (P.audio_message(torch.zeros(q + 1)), "bad_tokens", rf"shape \[{q}\]"),
+        (P.audio_message(tok.index_fill(0, torch.tensor([5]), card + 3)), "bad_tokens",
+         rf"audio token {card + 3} at codebook 5 is out of range"),
+        (P.encode({"type": "audio"}, {"tokens": tok.float()}), "bad_tokens", "integer tensor"),
+        (struct.pack("<I", len(head)) + head + b"\0" * 5, "bad_message", "needs 32 bytes"),
+        (P.encode({"type": "audio", "foo": 1}, {"tokens": tok}), "bad_message", "unknown header fields"),
+        (P.image_message(image[:, :3]), "bad_image", rf"shape \[{n}, {c}\]"),
+        (P.image_message(nan_image), "bad_image", "NaN"),
+    ]
+
+    async def expect_errors(client, cases):
+        for data, code, pattern in cases:
+            await client.ws.send(data)
+            msg = await client.recv()
+            assert msg.type == "error", msg.header
+            assert msg.header["code"] == code and re.search(pattern, msg.header["message"]), msg.header
+            assert msg.header["fatal"] is False
+
+    async def scenario():
+        async with serving(engine) as server:
+            talks = [asyncio.create_task(talk(server.port, **g)) for g in good]
+            async with await Client.connect(HOST, server.port) as bad:
+                await expect_errors(bad, before_open)
+                assert (await bad.open(seed=5))["stream"] is not None
+                await expect_errors(bad, after_open)
+                await bad.audio(tok, ref="ok")  # still served
+                msg = await bad.recv()
+                assert (msg.type, msg.header["frame"], msg.header["seq"], msg.header["ref"]) == ("frame", 0, 0, "ok")
+            # Beyond the transport limit (2x the largest valid message) only that connection is cut.
+            async with await Client.connect(HOST, server.port, limits=P.Limits(max_payload_bytes=1 << 24)) as huge:
+                await huge.ws.send(b"\0" * (2 * limits.max_message_bytes + 1))
+                assert await huge.recv() is None
+                assert huge.ws.close_code == 1009
+            records = await asyncio.gather(*talks)
+            assert server.metrics.errors["bad_tokens"] == 3 and server.metrics.errors["out_of_order"] == 4
+            return records
+
+    records = run(scenario())
+    alone = Engine(cfg, weights, max_streams=1)
+    for g, record in zip(good, records):
+        got, want = replay_alone(alone, cfg, g["seed"], None, g["image"], g["user"], record)
+        assert torch.equal(got, want)
+
+
+def test_admission_control_and_metrics(cfg, weights, gen):
+    """max_streams=2, one image slot: refusals are clear, counted, and lifted when room is made."""
+    engine = Engine(cfg, weights, max_streams=2, max_images=1)
+    x, y = features(cfg, gen), features(cfg, gen)
+    from websockets.exceptions import InvalidStatus
+
+    async def refused(port, code, pattern, **kw):
+        async with await Client.connect(HOST, port) as c:
+            with pytest.raises(ServerError, match=pattern) as e:
+                await c.open(**kw)
+            assert e.value.code == code
+            assert await c.recv() is None and c.ws.close_code == 1013
+
+    async def scenario():
+        async with serving(engine, max_connections=4) as server:
+            a = await Client.connect(HOST, server.port)
+            await a.open(seed=1, image=x)
+            await refused(server.port, "image_pool_full", "image pool full", seed=2, image=y)
+            b = await Client.connect(HOST, server.port)
+            await b.open(seed=2, image=x.clone())  # the same image shares the slot
+            await refused(server.port, "server_full", "server full: all 2 streams are in use", seed=3)
+            await settle(server, sessions=2)
+            idle = [await Client.connect(HOST, server.port) for _ in range(2)]  # 4 connections: the limit
+            with pytest.raises(InvalidStatus, match="503"):
+                await Client.connect(HOST, server.port)
+            for c in idle:
+                await c.aclose()
+            await settle(server, sessions=2)
+            await b.set_image(y)
+            msg = await b.recv()
+            assert msg.type == "error" and msg.header["code"] == "image_pool_full"
+            await a.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+            assert (await a.recv()).type == "frame"
+            text = await metrics_text(server.port)
+            await a.close()
+            assert (await a.recv()).header == {"type": "closed", "frames": 1, "ref": None}
+            async with await Client.connect(HOST, server.port) as c:  # room again
+                await c.open(seed=3)
+            await b.aclose()
+            await a.aclose()
+            return text
+
+    text = run(scenario())
+    types, samples = parse_metrics(text)
+    assert samples['moshivis_refusals_total{reason="image_pool_full"}'] == 1
+    assert samples['moshivis_refusals_total{reason="server_full"}'] == 1
+    assert samples["moshivis_active_streams"] == 2 and samples["moshivis_max_streams"] == 2
+    assert samples["moshivis_image_pool_used"] == 1 and samples["moshivis_image_pool_capacity"] == 1
+    assert samples["moshivis_frames_total"] == 1 and samples["moshivis_deadline_misses_total"] == 0
+    assert samples['moshivis_frame_seconds_bucket{le="+Inf"}'] == 1 == samples["moshivis_frame_seconds_count"]
+    assert samples['moshivis_errors_total{code="image_pool_full"}'] == 1
+    assert samples['moshivis_refusals_total{reason="too_many_connections"}'] == 1
+    assert types["moshivis_frame_seconds"] == "histogram"
+    assert engine.streams == [] and engine.pool.used == 0
+
+
+def test_vanishing_client_mid_frame_frees_its_slot_and_image(cfg, weights, gen):
+    engine = Engine(cfg, weights, max_streams=2, max_images=2)
+    in_step = threading.Event()
+    step = engine.step
+
+    def slow_step(*args, **kwargs):
+        in_step.set()
+        time.sleep(0.15)
+        return step(*args, **kwargs)
+
+    engine.step = slow_step
+    other = dict(seed=1, user=torch.randint(0, cfg.audio_card, (cfg.num_audio_in, 12), generator=gen),
+                 image=features(cfg, gen))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        async with serving(engine, tick_ms=300) as server:
+            v = await Client.connect(HOST, server.port)
+            await v.open(seed=2, image=features(cfg, gen))
+            for _ in range(3):
+                await v.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+            assert (await v.recv()).type == "frame"
+            talker = asyncio.create_task(talk(server.port, **other))
+            in_step.clear()
+            assert await loop.run_in_executor(None, in_step.wait, 10)
+            v.ws.transport.abort()  # gone in the middle of a frame that includes it
+            record = await talker
+            await settle(server)
+            assert engine.streams == [] and engine.pool.used == 0
+            assert server._reserved == 0 and server._sessions == {}
+            async with await Client.connect(HOST, server.port) as w:  # its slot and image slot are free again
+                await w.open(seed=3, image=features(cfg, gen))
+                assert engine.pool.used == 1
+            return record
+
+    record = run(scenario())
+    engine.step = step
+    got, want = replay_alone(Engine(cfg, weights, max_streams=1), cfg, other["seed"], None, other["image"],
+                             other["user"], record)
+    assert torch.equal(got, want)
+
+
+def test_graceful_shutdown_finishes_the_frame_and_tells_clients(cfg, weights, gen):
+    engine = Engine(cfg, weights, max_streams=2)
+    in_step = threading.Event()
+    step = engine.step
+
+    def slow_step(*args, **kwargs):
+        in_step.set()
+        time.sleep(0.2)
+        return step(*args, **kwargs)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        server = await Server(engine, ServerConfig(host=HOST, port=0, mode="realtime", tick_ms=40)).start()
+        clients = [await Client.connect(HOST, server.port) for _ in range(2)]
+        for i, c in enumerate(clients):
+            await c.open(seed=i)
+            await c.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+        ticks = [[(await c.recv()).header["tick"]] for c in clients]
+        engine.step = slow_step
+        in_step.clear()
+        assert await loop.run_in_executor(None, in_step.wait, 10)
+        await server.shutdown("maintenance")  # while a frame is in flight
+        in_flight = server._tick - 1
+        for c, got in zip(clients, ticks):
+            while (msg := await c.recv()).type == "frame":
+                got.append(msg.header["tick"])
+            assert got[-1] == in_flight  # the frame in flight was delivered, and nothing after it
+            assert msg.header == {"type": "shutdown", "reason": "maintenance", "frames": len(got)}
+            assert await c.recv() is None and c.ws.close_code == 1001
+        with pytest.raises(OSError):
+            await Client.connect(HOST, server.port)
+
+    run(scenario())
+    assert engine.streams == [] and engine.pool.used == 0
+
+
+def test_soak_with_churn_does_not_grow(cfg, weights):
+    """A few hundred frames of clients joining, leaving (cleanly or by vanishing), changing and
+    sharing images, some refused for lack of room: no stream, image slot, session or memory left."""
+    engine = Engine(cfg, weights, max_streams=5, max_images=4)
+    images = [features(cfg, torch.Generator().manual_seed(i)) for i in range(6)]
+
+    async def churner(port, rng, stop):
+        while not stop():
+            T = rng.randint(3, 20)
+            image = rng.choice([None, *images])
+            vanish_at = rng.randint(1, T) if rng.random() < 0.3 else None
+            try:
+                c = await Client.connect(HOST, port)
+            except OSError:
+                return
+            async with c:
+                try:
+                    await c.open(seed=rng.randrange(1 << 40), image=image)
+                except ServerError as e:
+                    assert e.code in ("server_full", "image_pool_full"), e
+                    await asyncio.sleep(0.05 + rng.random() * 0.1)
+                    continue
+                sent = answered = 0
+                image_pending = False
+                for _ in range(2):
+                    await c.audio(torch.full((cfg.num_audio_in,), rng.randrange(cfg.audio_card)))
+                    sent += 1
+                while answered < T:
+                    msg = await c.recv()
+                    assert msg is not None
+                    if msg.type == "error":
+                        assert msg.header["code"] == "image_pool_full", msg.header
+                    image_pending &= msg.type not in ("error", "image_set")
+                    if msg.type != "frame" or msg.header["seq"] is None:
+                        continue
+                    answered += 1
+                    if answered == vanish_at:
+                        c.ws.transport.abort()
+                        break
+                    if not image_pending and rng.random() < 0.15:
+                        await c.set_image(rng.choice([None, *images]))
+                        image_pending = True
+                    if sent < T:
+                        await c.audio(torch.full((cfg.num_audio_in,), rng.randrange(cfg.audio_card)))
+                        sent += 1
+                else:
+                    await c.close()
+                    while (msg := await c.recv()) is not None:
+                        pass
+
+    async def phase(server, frames, seed):
+        target = server.metrics.frames + frames
+        rng = random.Random(seed)
+        def stop():
+            return server.metrics.frames >= target
+
+        await asyncio.gather(*[churner(server.port, random.Random(rng.random()), stop) for _ in range(7)])
+        await settle(server)
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    async def scenario():
+        async with serving(engine, tick_ms=500) as server:
+            await phase(server, 80, 1)
+            gc.collect()
+            rss0 = rss()
+            tracemalloc.start()
+            await phase(server, 250, 2)
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            traced = sum(st.size for st in snapshot.statistics("filename"))
+            ours = sum(st.size for st in snapshot.filter_traces(
+                [tracemalloc.Filter(True, f"*{m}") for m in ("server.py", "protocol.py", "client.py", "websockets/*")]
+            ).statistics("filename"))
+            assert ours < 32 << 10, f"{ours} bytes allocated by the server, protocol, client still held"
+            assert engine.streams == [] and engine.pool.used == 0 and sum(engine.pool.refcount) == 0
+            assert server._sessions == {} and server._reserved == 0 and server._commands == []
+            m = server.metrics
+            return traced, rss() - rss0, m.frames, m.sessions, sum(m.refusals.values())
+
+    traced, rss_growth, frames, sessions, refusals = run(scenario(), timeout=120)
+    assert frames >= 330 and sessions > 30
+    assert refusals > 0  # the churn did hit admission control
+    assert traced < 512 << 10, f"{traced} bytes of Python memory still held after the churn"
+    assert rss_growth < 48 << 20, f"RSS grew by {rss_growth >> 20} MiB"
+
+
+async def settle(server: Server, sessions: int = 0) -> None:
+    """Wait (at most 2 s) until the last closes are applied and the handlers are done."""
+    for _ in range(100):
+        if len(server._sessions) <= sessions and not server._commands:
+            return
+        await asyncio.sleep(0.02)
+
+
+# ---- metrics text --------------------------------------------------------------------------------
+async def metrics_text(port: int) -> str:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    data = (await reader.read()).decode()
+    writer.close()
+    head, _, body = data.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "Content-Type: text/plain; version=0.0.4" in head, head
+    return body
+
+
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_]\w*="[^"\\\n]*"(?:,[a-zA-Z_]\w*="[^"\\\n]*")*\})? '
+                     r'([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|Inf|NaN))')
+
+
+def parse_metrics(text: str) -> tuple[dict, dict]:
+    """A strict reader of the Prometheus text format: every sample declared, histograms consistent."""
+    types, samples = {}, {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram") and name not in types
+            types[name] = kind
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"not a sample line: {line!r}"
+        name = base = m[1]
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and types.get(name[:-len(suffix)]) == "histogram":
+                base = name[:-len(suffix)]
+        assert base in types, f"sample {name} has no TYPE"
+        assert types[base] != "counter" or name.endswith("_total")
+        samples[name + (m[2] or "")] = float(m[3])
+    for name, kind in types.items():
+        if kind == "histogram":
+            buckets = [(k, v) for k, v in samples.items() if k.startswith(name + "_bucket")]
+            values = [v for _, v in buckets]
+            assert values == sorted(values) and buckets[-1][0].endswith('{le="+Inf"}')
+            assert values[-1] == samples[name + "_count"]
+    return types, samples
+
+
+def test_metrics_endpoint_parses(cfg, weights):
+    engine = Engine(cfg, weights, max_streams=3)
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=20, budget_ms=1e-3) as server:
+            empty = await metrics_text(server.port)
+            await talk(server.port, seed=1, user=torch.zeros(cfg.num_audio_in, 5, dtype=torch.long))
+            return empty, await metrics_text(server.port)
+
+    empty, text = run(scenario())
+    _, samples = parse_metrics(empty)
+    assert samples["moshivis_frames_total"] == 0
+    types, samples = parse_metrics(text)
+    assert samples["moshivis_frames_total"] >= 5 and samples["moshivis_stream_frames_total"] >= 5
+    assert samples["moshivis_deadline_misses_total"] == samples["moshivis_frames_total"]  # a 1 us budget
+    assert samples["moshivis_max_streams"] == 3 and samples["moshivis_tick_seconds"] == 0.02
+    assert set(types) >= {"moshivis_frame_seconds", "moshivis_deadline_misses_total", "moshivis_active_streams",
+                          "moshivis_image_pool_used", "moshivis_refusals_total"}
+
+
+# ---- command lines --------------------------------------------------------------------------------
+def test_server_and_client_command_lines(cfg, weights, gen, tmp_path):
+    """`python -m moshivis.server` (seeded random tiny weights), a conversation from files with
+    `python -m moshivis.client`, then SIGTERM: a clean exit."""
+    user = torch.randint(-1, cfg.audio_card, (cfg.num_audio_in, 9), generator=gen)
+    image = features(cfg, gen)
+    save_file({"user_audio_tokens": user}, str(tmp_path / "user.safetensors"))
+    save_file({"image_features": image}, str(tmp_path / "image.safetensors"))
+    proc = subprocess.Popen([sys.executable, "-m", "moshivis.server", "--preset", "tiny", "--port", "0",
+                             "--max-streams", "2", "--threads", "1", "--log-level", "WARNING"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", lines.get(timeout=1))
+                port = int(m[1]) if m else None
+        assert port, "the server did not start"
+        out = tmp_path / "out.safetensors"
+        assert client_main(["--port", str(port), "--tokens", str(tmp_path / "user.safetensors"),
+                            "--image", str(tmp_path / "image.safetensors"), "--out", str(out), "--seed", "4"]) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        proc.stdout.close()
+    result = load_file(str(out))
+    assert result["tokens"].shape == (cfg.num_codebooks_out, 9)
+    assert torch.equal(result["input_frames"], torch.arange(9))
+    engine = Engine(cfg, weights, max_streams=1)
+    sid = engine.open_stream(seed=4, image=image)
+    want = torch.stack([engine.step(user[:, t][None], [sid])[0] for t in range(9)], 1)
+    assert torch.equal(result["tokens"], want)
+
+
+def test_load_generator_runs(tmp_path):
+    from bench import load
+    path = tmp_path / "load.json"
+    assert load.main(["--preset", "tiny", "--streams", "3", "--duration", "1", "--threads", "1",
+                      "--mode", "lockstep", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())["results"][0]
+    assert r["streams"] == 3 and r["refusals"] == 0 and r["errors"] == 0 and r["frames"] > 0
+    assert r["stream_frames"] >= r["frames"] and r["frame_p50_ms"] > 0 and r["client_p99_ms"] >= r["client_p50_ms"]
