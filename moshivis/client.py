@@ -1,17 +1,27 @@
 """Client of `moshivis.server`: one conversation from files, and the `Client` class it uses.
 
-python -m moshivis.client [--host 127.0.0.1] [--port 8998] --tokens USER.safetensors
-       [--image IMAGE.safetensors] --out OUT.safetensors [--seed N] [--greedy]
+python -m moshivis.client [--host 127.0.0.1] [--port 8998]
+       (--tokens USER.safetensors --out OUT.safetensors | --audio QUESTION.wav --out ANSWER.wav [--resample])
+       [--image IMAGE.safetensors|IMAGE.png|IMAGE.jpg] [--seed N] [--greedy]
        [--temperature-text T] [--top-k-text K] [--temperature-audio T] [--top-k-audio K]
        [--ahead N | --realtime] [--row B]
 
-USER.safetensors holds the user's audio tokens [num_audio_in, T] (key `user_audio_tokens`, or the
-file's only tensor; a [B, num_audio_in, T] tensor, as in the golden stream files, needs --row).
-IMAGE.safetensors holds image-encoder features [num_image_tokens, image_encoder_dim] (key
-`image_features` or the only tensor; [B, ...] needs --row). OUT.safetensors gets `tokens`
-[1 + dep_q, F] (text token then audio codebooks per frame, -2 during warm-up) for the stream's
-frames 0 .. F-1, F being the frame of the last input, and `input_frames` [T]: the frame each input
-landed in. F == T unless the server fed silence in some frame because an input was late.
+Tokens: USER.safetensors holds the user's audio tokens [num_audio_in, T] (key `user_audio_tokens`,
+or the file's only tensor; a [B, num_audio_in, T] tensor, as in the golden stream files, needs
+--row). OUT.safetensors gets `tokens` [1 + dep_q, F] (text token then audio codebooks per frame, -2
+during warm-up) for the stream's frames 0 .. F-1, F being the frame of the last input, and
+`input_frames` [T]: the frame each input landed in. F == T unless the server fed silence in some
+frame because an input was late.
+
+Audio (the server needs --mimi): QUESTION.wav (24 kHz; other rates with --resample) is sent as PCM
+frames of 1920 samples, then `max_delay` frames of silence so the model answers every frame, as
+`python -m moshivis.chat` does; ANSWER.wav gets the model's speech, as long as the question (longer
+by the frames of silence the server inserted for late input), and the transcript is printed on
+stdout when the server has a tokenizer.
+
+--image: a .safetensors file holds image-encoder features [num_image_tokens, image_encoder_dim]
+(key `image_features` or the only tensor; [B, ...] needs --row); any other file is sent as it is,
+a PNG or JPEG for the server's SigLIP encoder (the server needs --siglip or a checkpoint with it).
 
 Pacing: by default up to --ahead frames (4) are in flight (sent, not yet answered), which keeps the
 server's queue for this stream non-empty; --realtime sends one frame per server tick instead, like
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,9 +76,11 @@ class Client:
             return None
 
     async def open(self, seed: int = 0, sampling: SamplingParams | None = None,
-                   image: torch.Tensor | None = None, ref=None) -> dict:
-        """Open the stream and wait for the answer: the `opened` header, or ServerError."""
-        await self.send(P.open_message(seed, sampling, image, ref))
+                   image: torch.Tensor | None = None, ref=None, image_file: bytes | None = None,
+                   audio: str = "tokens") -> dict:
+        """Open the stream and wait for the answer: the `opened` header, or ServerError.
+        `audio`: "tokens" or "pcm" (what `audio` messages carry); `image_file`: PNG/JPEG bytes."""
+        await self.send(P.open_message(seed, sampling, image, ref, image_file, audio))
         msg = await self.recv()
         if msg is None:
             raise ServerError("closed", "the server closed the connection before answering the open")
@@ -83,8 +96,12 @@ class Client:
     async def audio(self, tokens: torch.Tensor, ref=None) -> None:
         await self.send(P.audio_message(tokens, ref))
 
-    async def set_image(self, image: torch.Tensor | None, ref=None) -> None:
-        await self.send(P.image_message(image, ref))
+    async def pcm(self, pcm: torch.Tensor, ref=None) -> None:
+        """One frame [1920] of 24 kHz samples (float32 or int16), in a session opened with audio "pcm"."""
+        await self.send(P.pcm_message(pcm, ref))
+
+    async def set_image(self, image: torch.Tensor | None, ref=None, image_file: bytes | None = None) -> None:
+        await self.send(P.image_message(image, ref, image_file))
 
     async def close(self, ref=None) -> None:
         """Ask the server to close the stream (it answers `closed`, then closes the connection)."""
@@ -100,61 +117,102 @@ class Client:
         await self.aclose()
 
 
+async def _exchange(c: Client, opened: dict, send, T: int, ahead: int, realtime: bool
+                    ) -> tuple[dict[int, P.Message], list[int]]:
+    """Send inputs 0 .. T-1 with `send(t)` and collect the `frame` replies until every input is
+    answered: ({frame: message}, the frame each input landed in)."""
+    ahead = max(1, min(ahead, opened["max_queued_frames"]))
+    frames: dict[int, P.Message] = {}
+    input_frames = [-1] * T
+    sent = answered = 0
+
+    async def pace():  # --realtime: one frame per tick after a one-frame jitter buffer
+        nonlocal sent
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for t in range(T):
+            await asyncio.sleep(max(0.0, start + (t - 1) * opened["tick_ms"] / 1e3 - loop.time()))
+            await send(t)
+            sent += 1
+
+    pacer = asyncio.create_task(pace()) if realtime else None
+    try:
+        if not realtime:
+            for t in range(min(ahead, T)):
+                await send(t)
+            sent = min(ahead, T)
+        while answered < T:
+            msg = await c.recv()
+            if msg is None:
+                raise ServerError("closed", f"the server closed the connection after {answered}/{T} frames")
+            if msg.type == "frame":
+                frames[msg.header["frame"]] = msg
+                if msg.header["seq"] is not None:
+                    input_frames[msg.header["seq"]] = msg.header["frame"]
+                    answered += 1
+                    if not realtime and sent < T:
+                        await send(sent)
+                        sent += 1
+            elif msg.type in ("error", "shutdown", "refused"):
+                raise ServerError(msg.header.get("code", msg.type),
+                                  msg.header.get("message") or msg.header.get("reason", ""))
+        await c.close()
+        while (msg := await c.recv()) is not None and msg.type != "closed":
+            pass
+    finally:
+        if pacer is not None:
+            pacer.cancel()
+    return frames, input_frames
+
+
+def _tokens(frames: dict[int, P.Message], last: int, width: int) -> torch.Tensor:
+    return torch.stack([frames[f].tensors["tokens"].to(torch.int64) for f in range(last + 1)], dim=1) if last >= 0 \
+        else torch.empty(width, 0, dtype=torch.int64)
+
+
 async def converse(host: str, port: int, user_tokens: torch.Tensor, image: torch.Tensor | None = None,
                    seed: int = 0, sampling: SamplingParams | None = None, ahead: int = 4,
-                   realtime: bool = False) -> dict[str, torch.Tensor]:
+                   realtime: bool = False, image_file: bytes | None = None) -> dict[str, torch.Tensor]:
     """One conversation: user_tokens [num_audio_in, T] in; `tokens` [1 + dep_q, F] and `input_frames` [T]."""
     if user_tokens.dim() != 2:
         raise ValueError(f"user tokens must be [num_audio_in, T], got shape {list(user_tokens.shape)}")
     T = user_tokens.shape[1]
     async with await Client.connect(host, port) as c:
-        opened = await c.open(seed, sampling, image)
-        ahead = max(1, min(ahead, opened["max_queued_frames"]))
-        frames: dict[int, torch.Tensor] = {}
-        input_frames = [-1] * T
-        sent = answered = 0
-
-        async def pace():  # --realtime: one frame per tick after a one-frame jitter buffer
-            nonlocal sent
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            for t in range(T):
-                await asyncio.sleep(max(0.0, start + (t - 1) * opened["tick_ms"] / 1e3 - loop.time()))
-                await c.audio(user_tokens[:, t])
-                sent += 1
-
-        pacer = asyncio.create_task(pace()) if realtime else None
-        try:
-            if not realtime:
-                for t in range(min(ahead, T)):
-                    await c.audio(user_tokens[:, t])
-                sent = min(ahead, T)
-            while answered < T:
-                msg = await c.recv()
-                if msg is None:
-                    raise ServerError("closed", f"the server closed the connection after {answered}/{T} frames")
-                if msg.type == "frame":
-                    frames[msg.header["frame"]] = msg.tensors["tokens"].to(torch.int64)
-                    if msg.header["seq"] is not None:
-                        input_frames[msg.header["seq"]] = msg.header["frame"]
-                        answered += 1
-                        if not realtime and sent < T:
-                            await c.audio(user_tokens[:, sent])
-                            sent += 1
-                elif msg.type in ("error", "shutdown", "refused"):
-                    raise ServerError(msg.header.get("code", msg.type),
-                                      msg.header.get("message") or msg.header.get("reason", ""))
-            await c.close()
-            while (msg := await c.recv()) is not None and msg.type != "closed":
-                pass
-        finally:
-            if pacer is not None:
-                pacer.cancel()
+        opened = await c.open(seed, sampling, image, image_file=image_file)
+        frames, input_frames = await _exchange(c, opened, lambda t: c.audio(user_tokens[:, t]), T, ahead, realtime)
     last = input_frames[-1] if T else -1
-    width = opened["config"]["num_codebooks_out"]
-    tokens = torch.stack([frames[f] for f in range(last + 1)], dim=1) if last >= 0 \
-        else torch.empty(width, 0, dtype=torch.int64)
-    return {"tokens": tokens, "input_frames": torch.tensor(input_frames, dtype=torch.int64)}
+    return {"tokens": _tokens(frames, last, opened["config"]["num_codebooks_out"]),
+            "input_frames": torch.tensor(input_frames, dtype=torch.int64)}
+
+
+async def converse_pcm(host: str, port: int, question: torch.Tensor, image: torch.Tensor | None = None,
+                       seed: int = 0, sampling: SamplingParams | None = None, ahead: int = 4,
+                       realtime: bool = False, image_file: bytes | None = None) -> dict:
+    """One spoken conversation, as `moshivis.chat.converse`: question [samples] at 24 kHz in (float in
+    [-1, 1], or int16).
+
+    Sends ceil(samples / 1920) frames (the last zero-padded) and `max_delay` frames of silence.
+    Returns `pcm` [samples + 1920 * frames of inserted silence] (warm-up frames dropped), `transcript`
+    (None without a tokenizer on the server), `tokens` [1 + dep_q, F] and `input_frames` [T]."""
+    if question.dim() != 1 or question.shape[0] == 0 or not (question.is_floating_point()
+                                                              or question.dtype == torch.int16):
+        raise ValueError(f"question must be mono float or int16 samples [samples > 0], got {question.dtype} "
+                         f"{list(question.shape)}")
+    n = question.shape[0]
+    async with await Client.connect(host, port) as c:
+        opened = await c.open(seed, sampling, image, image_file=image_file, audio="pcm")
+        frame = opened["frame_size"]
+        T = -(-n // frame) + opened["config"]["max_delay"]
+        padded = torch.cat([question, question.new_zeros(T * frame - n)])  # int16 frames are sent as int16
+        frames, input_frames = await _exchange(c, opened, lambda t: c.pcm(padded[t * frame:(t + 1) * frame]), T,
+                                               ahead, realtime)
+    last = input_frames[-1]
+    tokens = _tokens(frames, last, opened["config"]["num_codebooks_out"])
+    spoken = [f for f in range(last + 1) if int(tokens[0, f]) != -2]  # warm-up frames carry silence
+    pcm = torch.cat([frames[f].tensors["pcm"] for f in spoken])[: n + (last + 1 - T) * frame]
+    transcript = "".join(frames[f].header["text"] for f in range(last + 1)) if opened["text"] else None
+    return {"pcm": pcm, "transcript": transcript, "tokens": tokens,
+            "input_frames": torch.tensor(input_frames, dtype=torch.int64)}
 
 
 def _read(path: str, key: str, row: int | None, ndim: int) -> torch.Tensor:
@@ -178,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8998)
-    ap.add_argument("--tokens", required=True, help="user audio tokens [num_audio_in, T] (.safetensors)")
-    ap.add_argument("--image", help="image features [num_image_tokens, image_encoder_dim] (.safetensors)")
-    ap.add_argument("--out", required=True, help="output .safetensors: tokens [1 + dep_q, F], input_frames [T]")
+    user_in = ap.add_mutually_exclusive_group(required=True)
+    user_in.add_argument("--tokens", help="user audio tokens [num_audio_in, T] (.safetensors)")
+    user_in.add_argument("--audio", help="the question, a 24 kHz WAV file (sent as PCM; the server needs --mimi)")
+    ap.add_argument("--resample", action="store_true", help="--audio: accept other sample rates (resampled)")
+    ap.add_argument("--image", help="image features [num_image_tokens, image_encoder_dim] (.safetensors), or a "
+                                    "PNG/JPEG file")
+    ap.add_argument("--out", required=True, help="--tokens: output .safetensors (tokens [1 + dep_q, F], "
+                                                 "input_frames [T]); --audio: the answer, a WAV file")
     ap.add_argument("--row", type=int, help="stream row of a batched [B, ...] file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--greedy", action="store_true", help="temperature 0 (argmax) for text and audio")
@@ -194,11 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sampling = SamplingParams.greedy() if args.greedy else SamplingParams(
         args.temperature_text, args.top_k_text, args.temperature_audio, args.top_k_audio)
+    image = image_file = None
+    if args.image and args.image.endswith(".safetensors"):
+        image = _read(args.image, "image_features", args.row, 2)
+    elif args.image:
+        try:
+            image_file = Path(args.image).read_bytes()
+        except OSError as e:
+            raise SystemExit(f"image file {args.image}: {e}") from None
+    if args.audio:
+        return _speak(args, sampling, image, image_file)
     user = _read(args.tokens, "user_audio_tokens", args.row, 2)
-    image = _read(args.image, "image_features", args.row, 2) if args.image else None
     try:
         result = asyncio.run(converse(args.host, args.port, user, image, args.seed, sampling, args.ahead,
-                                      args.realtime))
+                                      args.realtime, image_file))
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -206,6 +278,27 @@ def main(argv: list[str] | None = None) -> int:
     silent = result["tokens"].shape[1] - user.shape[1]
     print(f"{args.out}: {result['tokens'].shape[1]} frames for {user.shape[1]} inputs"
           + (f" ({silent} frames of silence where input was late)" if silent else ""))
+    return 0
+
+
+def _speak(args, sampling: SamplingParams, image: torch.Tensor | None, image_file: bytes | None) -> int:
+    from .audio import AudioError, load_audio, write_wav
+    try:
+        question = load_audio(args.audio, P.PCM_SAMPLE_RATE, resample_input=args.resample)
+    except AudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(converse_pcm(args.host, args.port, question, image, args.seed, sampling, args.ahead,
+                                          args.realtime, image_file))
+    except (ServerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["transcript"] is not None:
+        print(result["transcript"], flush=True)
+    write_wav(args.out, result["pcm"], P.PCM_SAMPLE_RATE)
+    print(f"{args.out}: {result['pcm'].shape[0] / P.PCM_SAMPLE_RATE:.2f} s of answer for "
+          f"{question.shape[0] / P.PCM_SAMPLE_RATE:.2f} s of question", file=sys.stderr)
     return 0
 
 

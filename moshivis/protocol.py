@@ -8,34 +8,53 @@ message (text messages are refused), laid out as
 The header's `"type"` names the message. Tensors travel in the payload, never in JSON and never
 pickled: `header["tensors"]` lists them as `[{"name", "dtype", "shape"}, ...]` and the payload is
 their raw little-endian bytes (C order), concatenated in that order with nothing between or after.
-dtypes: "int16", "int32", "int64" (tokens), "float16", "bfloat16", "float32" (image features).
+dtypes: "int16", "int32", "int64" (tokens), "float16", "bfloat16", "float32" (image features),
+"uint8" (the bytes of an image file).
 
 Every message is checked before it is acted on, against `Limits` (`Limits.for_config`): header at
 most `max_header_bytes` (4 KiB), payload at most `max_payload_bytes` (one float32 image + 64 KiB),
-at most 4 tensors of at most 4 dims, and each tensor's shape against the model config. A message
-that breaks a rule gets an `error` reply naming the rule; the session goes on. A message over twice
-the largest valid one is cut by the transport (WebSocket close 1009, message too big).
+at most 4 tensors of at most 4 dims, and each tensor's shape against the model config. A server
+that decodes image files raises the payload limit to its image file limit (`max_image_file_bytes`,
+4 MiB by default) + 64 KiB. A message that breaks a rule gets an `error` reply naming the rule; the
+session goes on. A message over twice the largest valid one is cut by the transport (WebSocket close
+1009, message too big).
+
+Two ways to speak, chosen per session at `open` (`audio`): "tokens" (the default: Mimi codes in,
+the model's tokens out) or "pcm" (24 kHz mono audio in and out, `PCM_FRAME` = 1920 samples = one
+80 ms frame per message; the server runs one streaming Mimi encoder and decoder per stream, never
+shared). Images come either as features (tensor `image`) or as the bytes of a PNG or JPEG file
+(tensor `image_file`, uint8 [bytes]), which the server decodes with Pillow and encodes with its
+SigLIP tower, exactly as `python -m moshivis.chat` does. PCM sessions and image files need the
+server's `--mimi` and `--siglip` (or a `--checkpoint` holding the tower) options; without them they
+are answered with error `unsupported`, naming the missing option.
 
 Client -> server (`ref`: optional int or string of at most 64 characters, echoed in the reply):
 
   open   {seed: int in [0, 2**63), sampling?: {temperature_text, top_k_text, temperature_audio,
           top_k_audio} (missing keys: Kyutai's defaults), ref?} + optional tensor
-          `image` [num_image_tokens, image_encoder_dim] float. Once per connection.
-  audio  {ref?} + tensor `tokens` [num_audio_in] int: the user's codebooks for one frame, each in
-          [0, audio_card) or -1 (the zero token). Queued (at most `max_queued_frames`, else
-          error queue_full); one is consumed per frame. The stream is stepped from the first frame
-          after its first audio message; from then on a frame that finds its queue empty feeds it
-          silence (the zero token on every codebook) and says so (`seq` null).
-  image  {ref?} + optional tensor `image` [num_image_tokens, image_encoder_dim]: attach or
-          replace the image; no tensor removes it. One at a time: wait for its `image_set` (or
-          error) before sending the next.
+          `image` [num_image_tokens, image_encoder_dim] float or `image_file` uint8 [bytes] (PNG or
+          JPEG, at most `max_image_file_bytes`); audio?: "tokens" (default) or "pcm". Once per
+          connection (an open answered with `error` may be sent again).
+  audio  {ref?} + one tensor for one frame, as the session chose at open:
+          tokens: `tokens` [num_audio_in] int, the user's codebooks, each in [0, audio_card) or -1
+          (the zero token);
+          pcm: `pcm` [1920] float32 (in [-1, 1]) or int16 (full scale 32768), 24 kHz mono samples.
+          Queued (at most `max_queued_frames`, else error queue_full); one is consumed per frame.
+          The stream is stepped from the first frame after its first audio message; from then on a
+          frame that finds its queue empty feeds it silence (tokens: the zero token on every
+          codebook; pcm: 1920 zero samples through the stream's encoder) and says so (`seq` null).
+  image  {ref?} + optional tensor `image` [num_image_tokens, image_encoder_dim] or `image_file`
+          (as in open): attach or replace the image; no tensor removes it. One at a time: wait for
+          its `image_set` (or error) before sending the next.
   close  {ref?}: end the conversation (queued audio not yet consumed is discarded); the server
           answers `closed` and closes the connection.
 
 Server -> client:
 
   opened    {stream, config: {num_audio_in, num_codebooks_out, text_card, audio_card,
-             num_image_tokens, image_encoder_dim}, tick_ms, mode, max_queued_frames, protocol, ref}
+             num_image_tokens, image_encoder_dim, max_delay}, tick_ms, mode, max_queued_frames,
+             protocol, ref, audio ("tokens" or "pcm"), text (whether frames carry transcript text),
+             sample_rate, frame_size (pcm sessions: 24000, 1920)}
   refused   {code, reason, ref}: the open is refused, code "server_full" (every stream slot is
              taken), "image_pool_full" (every image slot holds another image), "shutting_down" or
              "bad_open" (the engine rejected it: the reason says why); then the server closes the
@@ -47,6 +66,12 @@ Server -> client:
              this frame, and `ref` that message's ref; both are null when the stream had no queued
              input and was fed silence (the zero token -1 on every codebook). `frame_ms`: the
              server's time from the frame's due time to its tokens; `step_ms`: its engine step.
+             pcm sessions also get tensor `pcm` [1920] float32: the frame's audio tokens through the
+             stream's Mimi decoder; during warm-up (tokens -2) it is 1920 zeros (silence) and the
+             decoder is not stepped, so the model's speech starts at frame `max_delay`.
+             With a tokenizer on the server (`--tokenizer`), every session's frames carry `text`: the
+             transcript piece this frame's text token adds (often ""; SentencePiece's `▁` as a
+             space, an unfinished multi-byte character held back until complete).
   image_set {from_frame, ref}: the new image (or its removal) is used from this stream's frame
              `from_frame` on.
   error     {code, message, ref, fatal}: a message of this client was refused (codes below); with
@@ -55,9 +80,12 @@ Server -> client:
   shutdown  {reason, frames}: the server is stopping after finishing its current frame; the
              connection closes (WebSocket code 1001).
 
-Error codes: bad_message (not binary, bad layout, bad JSON, unknown type or field, bad value),
-too_large, out_of_order (audio/image/close before open, open twice, a second image change before
-the first is applied), bad_tokens, bad_image, queue_full, image_pool_full, internal. A client that
+Error codes: bad_message (not binary, bad layout, bad JSON, unknown type or field, bad value, the
+other session kind's audio tensor), too_large, out_of_order (audio/image/close before open, open
+twice, a second image change before the first is applied), bad_tokens, bad_audio (a PCM frame of
+the wrong length, dtype, or with NaN), bad_image (bad features; an image file that is not a PNG or
+JPEG Pillow can decode, or is too large once decoded), unsupported (pcm or image files on a server
+started without the option they need), queue_full, image_pool_full, internal. A client that
 leaves `max_outbox` replies unread is disconnected (counted as slow_client). Beyond
 `max_connections` sessions, or while shutting down, the WebSocket handshake is answered HTTP 503.
 """
@@ -75,10 +103,13 @@ from .config import ZERO_TOKEN, MoshiVisConfig
 from .engine import SamplingParams
 
 PROTOCOL_VERSION = 1
+PCM_SAMPLE_RATE = 24000  # Mimi's rate
+PCM_FRAME = 1920  # samples per 80 ms frame
+AUDIO_KINDS = ("tokens", "pcm")
 
 DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _INT_DTYPES = {"int16", "int32", "int64"}
@@ -104,11 +135,13 @@ class Limits:
     max_payload_bytes: int = 1 << 20
     max_tensors: int = 4
     max_ndim: int = 4
+    max_image_file_bytes: int = 0  # 0: the server decodes no image files
 
     @classmethod
-    def for_config(cls, cfg: MoshiVisConfig) -> "Limits":
-        """Room for one float32 image plus 64 KiB: anything larger is no valid message."""
-        return cls(max_payload_bytes=cfg.num_image_tokens * cfg.image_encoder_dim * 4 + (64 << 10))
+    def for_config(cls, cfg: MoshiVisConfig, max_image_file_bytes: int = 0) -> "Limits":
+        """Room for one float32 image (or image file) plus 64 KiB: anything larger is no valid message."""
+        largest = max(cfg.num_image_tokens * cfg.image_encoder_dim * 4, max_image_file_bytes)
+        return cls(max_payload_bytes=largest + (64 << 10), max_image_file_bytes=max_image_file_bytes)
 
     @property
     def max_message_bytes(self) -> int:
@@ -228,18 +261,22 @@ class Open:
     sampling: SamplingParams
     image: torch.Tensor | None
     ref: int | str | None = None
+    image_file: bytes | None = None
+    audio: str = "tokens"
 
 
 @dataclass
 class Audio:
-    tokens: torch.Tensor  # [num_audio_in] int64
+    tokens: torch.Tensor | None  # [num_audio_in] int64, or None with pcm
     ref: int | str | None = None
+    pcm: torch.Tensor | None = None  # [PCM_FRAME] float32
 
 
 @dataclass
 class Image:
     image: torch.Tensor | None
     ref: int | str | None = None
+    image_file: bytes | None = None
 
 
 @dataclass
@@ -247,12 +284,17 @@ class Close:
     ref: int | str | None = None
 
 
-_FIELDS = {"open": ({"seed", "sampling"}, {"image"}), "audio": (set(), {"tokens"}),
-           "image": (set(), {"image"}), "close": (set(), set())}
+_FIELDS = {"open": ({"seed", "sampling", "audio"}, {"image", "image_file"}), "audio": (set(), {"tokens", "pcm"}),
+           "image": (set(), {"image", "image_file"}), "close": (set(), set())}
 
 
-def parse_request(msg: Message, cfg: MoshiVisConfig) -> Open | Audio | Image | Close:
-    """Check a decoded client message against its schema and the config; the typed request."""
+def parse_request(msg: Message, cfg: MoshiVisConfig, max_image_file_bytes: int | None = None
+                  ) -> Open | Audio | Image | Close:
+    """Check a decoded client message against its schema and the config; the typed request.
+
+    `max_image_file_bytes`: the size limit of `image_file` tensors (None: only the payload limit).
+    Whether the server can use pcm or image files at all is the server's check, not this one.
+    """
     kind = msg.type
     if kind not in _FIELDS:
         raise ProtocolError("bad_message", f"unknown message type {kind!r}; known: {sorted(_FIELDS)}")
@@ -272,20 +314,42 @@ def parse_request(msg: Message, cfg: MoshiVisConfig) -> Open | Audio | Image | C
         seed = msg.header.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise ProtocolError("bad_message", f"open: seed must be an integer in [0, 2**63), got {seed!r}")
-        image = msg.tensors.get("image")
-        if image is not None:
-            check_image(image, cfg)
-        return Open(seed, _sampling(msg.header.get("sampling")), image, ref)
+        audio = msg.header.get("audio", "tokens")
+        if audio not in AUDIO_KINDS:
+            raise ProtocolError("bad_message", f"open: audio must be one of {list(AUDIO_KINDS)}, got {audio!r}")
+        image, image_file = _image(msg, cfg, max_image_file_bytes)
+        return Open(seed, _sampling(msg.header.get("sampling")), image, ref, image_file, audio)
     if kind == "audio":
-        if "tokens" not in msg.tensors:
-            raise ProtocolError("bad_message", "audio: tensor 'tokens' is missing")
-        return Audio(check_audio(msg.tensors["tokens"], cfg), ref)
+        if not msg.tensors:
+            raise ProtocolError("bad_message", f"audio: tensor 'tokens' is missing (or 'pcm' [{PCM_FRAME}] in a "
+                                               "session opened with audio 'pcm')")
+        if len(msg.tensors) > 1:
+            raise ProtocolError("bad_message", "audio: send one tensor, 'tokens' or 'pcm' (as chosen at open)")
+        if "tokens" in msg.tensors:
+            return Audio(check_audio(msg.tensors["tokens"], cfg), ref)
+        return Audio(None, ref, check_pcm(msg.tensors["pcm"]))
     if kind == "image":
-        image = msg.tensors.get("image")
-        if image is not None:
-            check_image(image, cfg)
-        return Image(image, ref)
+        image, image_file = _image(msg, cfg, max_image_file_bytes)
+        return Image(image, ref, image_file)
     return Close(ref)
+
+
+def _image(msg: Message, cfg: MoshiVisConfig, max_file_bytes: int | None) -> tuple[torch.Tensor | None, bytes | None]:
+    """(features, None), (None, file bytes) or (None, None)."""
+    image, data = msg.tensors.get("image"), msg.tensors.get("image_file")
+    if image is not None and data is not None:
+        raise ProtocolError("bad_message", f"{msg.type}: send either 'image' (features) or 'image_file', not both")
+    if image is not None:
+        check_image(image, cfg)
+        return image, None
+    if data is None:
+        return None, None
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() == 0:
+        raise ProtocolError("bad_image", f"image_file must be the file's bytes, uint8 [bytes > 0], got {data.dtype} "
+                                         f"{list(data.shape)}")
+    if max_file_bytes is not None and data.numel() > max_file_bytes:
+        raise ProtocolError("too_large", f"image file of {data.numel()} bytes is over the limit of {max_file_bytes}")
+    return None, data.numpy().tobytes()
 
 
 def _sampling(value) -> SamplingParams:
@@ -315,6 +379,20 @@ def check_audio(tokens: torch.Tensor, cfg: MoshiVisConfig) -> torch.Tensor:
     return tokens
 
 
+def check_pcm(pcm: torch.Tensor) -> torch.Tensor:
+    """One frame of 24 kHz mono samples [PCM_FRAME], float32 or int16 -> float32 (int16 / 32768)."""
+    if pcm.dtype not in (torch.float32, torch.int16):
+        raise ProtocolError("bad_audio", f"audio pcm must be float32 or int16 samples, got {pcm.dtype}")
+    if list(pcm.shape) != [PCM_FRAME]:
+        raise ProtocolError("bad_audio", f"audio pcm must have shape [{PCM_FRAME}] (one 80 ms frame of "
+                                         f"{PCM_SAMPLE_RATE} Hz mono samples), got {list(pcm.shape)}")
+    if pcm.dtype == torch.int16:
+        return pcm.float() / 32768
+    if not bool(torch.isfinite(pcm).all()):
+        raise ProtocolError("bad_audio", "audio pcm contains NaN or infinite samples")
+    return pcm
+
+
 def check_image(image: torch.Tensor, cfg: MoshiVisConfig) -> None:
     if _DTYPE_NAMES.get(image.dtype) not in _FLOAT_DTYPES:
         raise ProtocolError("bad_image", f"image features must be floating point, got {image.dtype}")
@@ -327,23 +405,37 @@ def check_image(image: torch.Tensor, cfg: MoshiVisConfig) -> None:
 
 
 # ---- client-side builders -------------------------------------------------------------------------
+def _image_tensors(image: torch.Tensor | None, image_file: bytes | None) -> dict[str, torch.Tensor]:
+    tensors = {} if image is None else {"image": image}
+    if image_file is not None:
+        tensors["image_file"] = torch.frombuffer(bytearray(image_file), dtype=torch.uint8)
+    return tensors
+
+
 def open_message(seed: int = 0, sampling: SamplingParams | None = None, image: torch.Tensor | None = None,
-                 ref=None) -> bytes:
+                 ref=None, image_file: bytes | None = None, audio: str = "tokens") -> bytes:
     header: dict = {"type": "open", "seed": seed}
     if sampling is not None:
         header["sampling"] = {k: getattr(sampling, k) for k in _SAMPLING_KEYS}
     if ref is not None:
         header["ref"] = ref
-    return encode(header, None if image is None else {"image": image})
+    if audio != "tokens":
+        header["audio"] = audio
+    return encode(header, _image_tensors(image, image_file))
 
 
 def audio_message(tokens: torch.Tensor, ref=None) -> bytes:
     return encode({"type": "audio", **({} if ref is None else {"ref": ref})}, {"tokens": tokens.to(torch.int32)})
 
 
-def image_message(image: torch.Tensor | None, ref=None) -> bytes:
-    return encode({"type": "image", **({} if ref is None else {"ref": ref})},
-                  None if image is None else {"image": image})
+def pcm_message(pcm: torch.Tensor, ref=None) -> bytes:
+    """One frame [PCM_FRAME] of float32 or int16 samples (other float dtypes are sent as float32)."""
+    pcm = pcm if pcm.dtype == torch.int16 else pcm.to(torch.float32)
+    return encode({"type": "audio", **({} if ref is None else {"ref": ref})}, {"pcm": pcm})
+
+
+def image_message(image: torch.Tensor | None, ref=None, image_file: bytes | None = None) -> bytes:
+    return encode({"type": "image", **({} if ref is None else {"ref": ref})}, _image_tensors(image, image_file))
 
 
 def close_message(ref=None) -> bytes:

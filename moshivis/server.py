@@ -3,10 +3,22 @@
 python -m moshivis.server [--preset small | --config CONFIG.json] [--checkpoint PATH]
        [--backend torch|triton] [--max-streams N] [--max-images N] [--memory-budget-mb MB]
        [--host 127.0.0.1] [--port 8998] [--mode realtime|lockstep] [--tick-ms 80]
+       [--mimi FILE|DIR [--mimi-config JSON]] [--siglip FILE [--vision-config JSON]] [--tokenizer FILE]
 
 The wire format is `moshivis.protocol`'s (its docstring is the reference). Without --checkpoint the
 weights are seeded random (`random_init`), for load tests. Metrics (Prometheus text format) are
 served at http://HOST:PORT/metrics on the same port.
+
+Files and audio, as `python -m moshivis.chat` takes them (all from local files, nothing downloaded):
+  * --mimi: the Mimi codec; sessions may then open with `audio: "pcm"` and speak 24 kHz PCM frames.
+    Each such stream owns a streaming Mimi encoder and decoder (`Media`); they run on the engine
+    thread just before and after each engine step, one stream at a time (not batched).
+  * --siglip, else a --checkpoint that holds the tower (`image_prefix.enc.model.*`): the SigLIP
+    image encoder; `open` and `image` may then carry a PNG or JPEG file (`image_file`). It is
+    decoded (Pillow) and encoded on the engine thread between frames, so a large image delays the
+    next frame of every stream by its encoding time.
+  * --tokenizer: Kyutai's SentencePiece model; every frame reply then carries its transcript piece.
+Without the option a feature needs, its messages are answered with error `unsupported` naming it.
 
 Scheduling. One scheduler task owns the engine; every engine call (open, set_image, close, step)
 runs on one worker thread, in order, so the engine is never used from two threads and the event
@@ -44,8 +56,10 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import io
 import logging
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -56,7 +70,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import checkpoint
 from . import protocol as P
-from .config import ZERO_TOKEN, MoshiVisConfig, preset
+from .config import UNGENERATED, ZERO_TOKEN, MoshiVisConfig, preset
 from .engine import Engine, StreamError
 from .image_pool import ImageError
 from .state import StreamState
@@ -64,6 +78,7 @@ from .state import StreamState
 log = logging.getLogger("moshivis.server")
 
 MODES = ("realtime", "lockstep")
+MAX_IMAGE_PIXELS = 1 << 24  # decoded image files beyond 16 Mpixels are refused
 FRAME_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.16, 0.24, 0.32, 0.64, 1.28, 2.56)
 
 
@@ -79,6 +94,7 @@ class ServerConfig:
     max_outbox: int = 250  # replies waiting for a client that does not read: then it is dropped
     max_connections: int = 256  # WebSocket sessions, opened or not; beyond: HTTP 503 at the handshake
     drain_timeout_s: float = 5.0  # for final messages to reach a client on close/shutdown
+    max_image_file_bytes: int = 4 << 20  # PNG/JPEG files in open/image (when the server has SigLIP)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -86,7 +102,7 @@ class ServerConfig:
         for name in ("tick_ms", "budget_ms", "max_lag_ms", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_queued_frames", "max_outbox", "max_connections"):
+        for name in ("max_queued_frames", "max_outbox", "max_connections", "max_image_file_bytes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
@@ -171,6 +187,76 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
+# ---- files and audio ------------------------------------------------------------------------------
+class MediaError(ValueError):
+    """Codec, image encoder or tokenizer files that do not load or do not fit the model."""
+
+
+@dataclass
+class Media:
+    """What turns PCM and image files into the model's inputs and its tokens into PCM and text, as
+    `moshivis.chat` does; each part optional (None: the features that need it are refused).
+
+    codec: `moshivis.audio.MimiCodec` (24 kHz, 1920-sample frames, cfg.dep_q codebooks);
+    vision: `moshivis.vision.ImageEncoder`; tokenizer: `moshivis.text.TextTokenizer`.
+    """
+    codec: object = None
+    vision: object = None
+    tokenizer: object = None
+
+    def check(self, cfg: MoshiVisConfig) -> None:
+        c = self.codec
+        if c is not None:
+            got = (c.sample_rate, c.frame_size, c.num_codebooks, c.codebook_size)
+            want = (P.PCM_SAMPLE_RATE, P.PCM_FRAME, cfg.num_audio_in, cfg.audio_card)
+            if got != want or cfg.num_audio_in != cfg.dep_q:
+                raise MediaError(f"Mimi (rate, frame, codebooks, codebook size) {got} does not fit the model: "
+                                 f"needs {want} and num_audio_in == dep_q ({cfg.num_audio_in}, {cfg.dep_q})")
+        v = self.vision
+        if v is not None and (v.num_tokens, v.hidden_size) != (cfg.num_image_tokens, cfg.image_encoder_dim):
+            raise MediaError(f"SigLIP gives {v.num_tokens} x {v.hidden_size} features; the model expects "
+                             f"{cfg.num_image_tokens} x {cfg.image_encoder_dim}: check --vision-config")
+
+    def unsupported(self, req) -> str | None:
+        """Why this server cannot serve `req` (naming the missing option), or None."""
+        kind = type(req).__name__.lower()
+        if isinstance(req, P.Open) and req.audio == "pcm" and self.codec is None:
+            return "open: audio 'pcm' needs the Mimi codec; this server was started without --mimi"
+        if getattr(req, "image_file", None) is not None and self.vision is None:
+            return (f"{kind}: image files need the SigLIP image encoder; this server was started without "
+                    "--siglip (or a --checkpoint holding image_prefix.enc.model.*): send features instead")
+        return None
+
+    def image_features(self, data: bytes) -> torch.Tensor:
+        """PNG/JPEG bytes -> SigLIP features (engine thread); ProtocolError bad_image for a bad file."""
+        return self.vision.encode(decode_image_file(data))
+
+
+def decode_image_file(data: bytes):
+    """An RGB Pillow image from the bytes of a PNG or JPEG file; ProtocolError bad_image otherwise."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise P.ProtocolError("bad_image", f"image file is {im.width}x{im.height} pixels, over the limit of "
+                                                   f"{MAX_IMAGE_PIXELS} pixels")
+            im.load()
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise P.ProtocolError("bad_image", "image file is not a PNG or JPEG image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise P.ProtocolError("bad_image", f"image file is too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise P.ProtocolError("bad_image", f"image file is corrupt or truncated: {e}") from None
+
+
+@dataclass
+class _Codec:
+    """One PCM stream's own Mimi state (engine thread only)."""
+    encoder: object
+    decoder: object
+
+
 # ---- sessions -------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Session:
@@ -184,6 +270,9 @@ class _Session:
     frames: int = 0  # frames computed for this stream
     ending: bool = False  # its last message and the close are queued
     image_pending: bool = False  # an image change waits for the next frame boundary
+    audio: str = "tokens"  # what the session speaks, chosen at open: tokens | pcm
+    codec: _Codec | None = None  # pcm sessions; written only on the engine thread
+    transcript: object = None  # TranscriptStream when the server has a tokenizer; engine thread
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     writer: asyncio.Task | None = None
     handler_done: bool = False
@@ -203,9 +292,12 @@ _SILENCE = object()
 class Server:
     """The server around one engine. `await start()`, then `await wait_closed()` or `await shutdown()`."""
 
-    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+    def __init__(self, engine: Engine, config: ServerConfig | None = None, media: Media | None = None):
         self.engine, self.config, self.cfg = engine, config or ServerConfig(), engine.cfg
-        self.limits = P.Limits.for_config(self.cfg)
+        self.media = media or Media()
+        self.media.check(self.cfg)
+        self.limits = P.Limits.for_config(
+            self.cfg, self.config.max_image_file_bytes if self.media.vision is not None else 0)
         self.metrics = Metrics()
         self.port: int | None = None
         # torch's CPU thread count is per OS thread under OpenMP: the engine thread takes this one's.
@@ -224,6 +316,7 @@ class Server:
         self._ws_server = None
         self._scheduler: asyncio.Task | None = None
         self._silence = torch.full((self.cfg.num_audio_in,), ZERO_TOKEN, dtype=torch.long)
+        self._silent_pcm = torch.zeros(P.PCM_FRAME)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> "Server":
@@ -366,9 +459,13 @@ class Server:
             msg = P.decode(data, self.limits)
             r = msg.header.get("ref")
             ref = r if isinstance(r, (int, str)) and not isinstance(r, bool) and len(str(r)) <= 64 else None
-            req = P.parse_request(msg, self.cfg)
+            req = P.parse_request(msg, self.cfg, self.limits.max_image_file_bytes or None)
         except P.ProtocolError as e:
             self._error(s, e.code, str(e), ref)
+            return
+        why = self.media.unsupported(req)
+        if why is not None:
+            self._error(s, "unsupported", why, ref)
             return
         if isinstance(req, P.Open):
             if s.state != "new":
@@ -379,7 +476,7 @@ class Server:
                 self._refuse(s, "server_full", f"server full: all {self.engine.max_streams} streams are in use; "
                                                "try again later", ref)
             else:
-                s.state = "opening"
+                s.state, s.audio = "opening", req.audio
                 self._reserved += 1
                 self._command(_Command("open", s, req))
             return
@@ -388,11 +485,16 @@ class Server:
             self._error(s, "out_of_order", f"{msg.type}: {what}", ref)
             return
         if isinstance(req, P.Audio):
+            if (req.pcm is None) != (s.audio == "tokens"):
+                want = "'tokens' [num_audio_in]" if s.audio == "tokens" else f"'pcm' [{P.PCM_FRAME}]"
+                self._error(s, "bad_message", f"audio: this session speaks {s.audio} (chosen at open): send tensor "
+                                              f"{want}", ref)
+                return
             if len(s.inbox) >= self.config.max_queued_frames:
                 self._error(s, "queue_full", f"audio: {len(s.inbox)} frames already queued (the limit); this "
                                              "frame is dropped: send at most one frame per tick", ref)
                 return
-            s.inbox.append((s.seq, req.ref, req.tokens))
+            s.inbox.append((s.seq, req.ref, req.tokens if req.pcm is None else req.pcm))
             s.seq += 1
             if not s.started or self.config.mode == "lockstep":
                 s.started = True
@@ -460,14 +562,21 @@ class Server:
                     if s.state == "opening":
                         s.state = "open"
                     cfg = self.cfg
+                    pcm = {"sample_rate": P.PCM_SAMPLE_RATE, "frame_size": P.PCM_FRAME} if s.audio == "pcm" else {}
                     self._send(s, P.encode({
                         "type": "opened", "stream": s.stream, "protocol": P.PROTOCOL_VERSION, "ref": ref,
                         "mode": self.config.mode, "tick_ms": self.config.tick_ms,
                         "max_queued_frames": self.config.max_queued_frames,
+                        "audio": s.audio, "text": self.media.tokenizer is not None, **pcm,
                         "config": {"num_audio_in": cfg.num_audio_in, "num_codebooks_out": cfg.num_codebooks_out,
                                    "text_card": cfg.text_card, "audio_card": cfg.audio_card,
                                    "num_image_tokens": cfg.num_image_tokens,
-                                   "image_encoder_dim": cfg.image_encoder_dim}}))
+                                   "image_encoder_dim": cfg.image_encoder_dim, "max_delay": cfg.max_delay}}))
+                elif isinstance(error, P.ProtocolError):  # a bad image file: the client may open again
+                    if s.state == "opening":
+                        s.state, s.audio = "new", "tokens"
+                        self._reserved -= 1
+                    self._error(s, error.code, f"open: {error}", ref)
                 elif isinstance(error, ImageError) and "full" in str(error):
                     self._refuse(s, "image_pool_full", f"image pool full: {error}", ref)
                 elif isinstance(error, StreamError) and "slots" in str(error):
@@ -479,7 +588,8 @@ class Server:
                 if error is None:
                     self._send(s, P.encode({"type": "image_set", "from_frame": s.frames, "ref": ref}))
                 else:
-                    code = "image_pool_full" if "full" in str(error) else "bad_image"
+                    code = error.code if isinstance(error, P.ProtocolError) else \
+                        "image_pool_full" if "full" in str(error) else "bad_image"
                     self._error(s, code, f"image: {error}", ref)
             else:
                 if error is not None:
@@ -496,17 +606,23 @@ class Server:
         results = []
         for c in commands:
             try:
+                r, s, media = c.request, c.session, self.media
+                if c.kind in ("open", "image"):
+                    image = r.image if r.image_file is None else media.image_features(r.image_file)
                 if c.kind == "open":
-                    r = c.request
-                    c.session.stream = self.engine.open_stream(seed=r.seed, image=r.image, sampling=r.sampling)
+                    s.stream = self.engine.open_stream(seed=r.seed, image=image, sampling=r.sampling)
+                    if r.audio == "pcm":
+                        s.codec = _Codec(media.codec.encoder(), media.codec.decoder())
+                    if media.tokenizer is not None:
+                        s.transcript = media.tokenizer.stream()
                 elif c.kind == "image":
-                    self.engine.set_image(c.session.stream, c.request.image)
-                elif c.session.stream is not None:
-                    self.engine.close_stream(c.session.stream)
-                    c.session.stream = None
+                    self.engine.set_image(s.stream, image)
+                elif s.stream is not None:
+                    self.engine.close_stream(s.stream)
+                    s.stream = s.codec = s.transcript = None
                 results.append(None)
             except Exception as e:  # the request fails alone
-                if not isinstance(e, (StreamError, ImageError)):
+                if not isinstance(e, (StreamError, ImageError, P.ProtocolError)):
                     log.exception("engine call %s failed", c.kind)
                 results.append(e)
         self._pool_used = self.engine.pool.used
@@ -515,12 +631,10 @@ class Server:
     async def _frame(self, batch: list[_Session], scheduled: float) -> None:
         loop = asyncio.get_running_loop()
         inputs = [s.inbox.popleft() if s.inbox else _SILENCE for s in batch]
-        user = torch.stack([self._silence if x is _SILENCE else x[2] for x in inputs])
-        streams = [s.stream for s in batch]
         tick, self._tick = self._tick, self._tick + 1
         started = loop.time()
         try:
-            out = await loop.run_in_executor(self._executor, self._step, user, streams)
+            out, extras = await loop.run_in_executor(self._executor, self._step, batch, inputs)
         except Exception as e:
             log.exception("frame %d failed", tick)
             for s in batch:
@@ -532,15 +646,39 @@ class Server:
         times = {"frame_ms": round(seconds * 1e3, 3), "step_ms": round(step_seconds * 1e3, 3)}
         for i, (s, x) in enumerate(zip(batch, inputs)):
             seq, ref = (None, None) if x is _SILENCE else x[:2]
-            self._send(s, P.encode({"type": "frame", "frame": s.frames, "tick": tick, "seq": seq, "ref": ref, **times},
-                                   {"tokens": out[i]}))
+            header, tensors = extras[i]
+            self._send(s, P.encode({"type": "frame", "frame": s.frames, "tick": tick, "seq": seq, "ref": ref, **times,
+                                    **header}, {"tokens": out[i], **tensors}))
             s.frames += 1
         silent = sum(x is _SILENCE for x in inputs)
         self.metrics.observe_frame(seconds, step_seconds, len(batch), silent, seconds * 1e3 > self.config.budget_ms)
 
-    def _step(self, user: torch.Tensor, streams: list[int]) -> torch.Tensor:
-        """Engine thread."""
-        return self.engine.step(user, streams).to("cpu", torch.int32)
+    def _step(self, batch: list[_Session], inputs: list) -> tuple[torch.Tensor, list[tuple[dict, dict]]]:
+        """Engine thread: PCM -> Mimi codes, the engine step, then per stream its PCM and text.
+
+        Returns the tokens [B, 1 + dep_q] int32 and, per stream, the extra (header, tensors) of its
+        frame reply. Warm-up frames (tokens -2) get silence and leave the decoder and transcript alone,
+        as in `moshivis.chat.converse`.
+        """
+        rows = []
+        for s, x in zip(batch, inputs):
+            if s.codec is None:
+                rows.append(self._silence if x is _SILENCE else x[2])
+            else:
+                pcm = self._silent_pcm if x is _SILENCE else x[2]
+                rows.append(s.codec.encoder.step(pcm[None])[0].to("cpu", torch.long))
+        out = self.engine.step(torch.stack(rows), [s.stream for s in batch]).to("cpu", torch.int32)
+        extras = []
+        for s, tokens in zip(batch, out):
+            header, tensors = {}, {}
+            warm = int(tokens[0]) == UNGENERATED
+            if s.transcript is not None:
+                header["text"] = "" if warm else s.transcript.push(int(tokens[0]))
+            if s.codec is not None:
+                tensors["pcm"] = self._silent_pcm if warm else \
+                    s.codec.decoder.step(tokens[None, 1:].to(torch.long))[0].to("cpu", torch.float32)
+            extras.append((header, tensors))
+        return out, extras
 
     # ---- metrics ----------------------------------------------------------------------------------
     def metrics_text(self) -> str:
@@ -597,24 +735,68 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is best on a busy 2-core machine)")
 
 
+def build_media(args, cfg: MoshiVisConfig, dtype: torch.dtype, device: str) -> Media:
+    """The codec, image encoder and tokenizer named on the command line (local files only)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach for the hub
+    codec = vision = tokenizer = None
+    try:
+        if args.mimi:
+            from .audio import load_mimi
+            codec = load_mimi(args.mimi, args.mimi_config, device=device, num_codebooks=cfg.dep_q)
+        tower = args.siglip or args.checkpoint
+        if tower:
+            from .vision import ImageEncoder, VisionError, load_vision_config
+            vision_cfg = load_vision_config(args.vision_config) if args.vision_config else None
+            try:
+                vision = ImageEncoder.load(tower, vision_cfg, dtype=dtype, device=device)
+            except VisionError as e:
+                if args.siglip or not str(e).startswith("no SigLIP vision weights"):
+                    raise
+                log.warning("image files are refused: %s", str(e).split(";")[0])
+        if args.tokenizer:
+            from .text import TextTokenizer
+            tokenizer = TextTokenizer(args.tokenizer, text_card=cfg.text_card, padding_id=cfg.padding_token_id)
+    except ImportError as e:
+        raise MediaError(f"--mimi, --siglip and --tokenizer need the chat extras: {e}") from e
+    except ValueError as e:
+        raise MediaError(str(e)) from e
+    media = Media(codec, vision, tokenizer)
+    media.check(cfg)
+    return media
+
+
+def add_media_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--mimi", help="Mimi weights (a .safetensors file, Kyutai's or Hugging Face's layout, or a "
+                                   "kyutai/mimi folder): enables PCM sessions")
+    ap.add_argument("--mimi-config", help="Mimi config.json (default: the folder's, else kyutai/mimi's)")
+    ap.add_argument("--siglip", help="SigLIP weights (.safetensors; default: the --checkpoint's image tower, if it "
+                                     "holds one): enables PNG/JPEG image files")
+    ap.add_argument("--vision-config", help="SigLIP vision config JSON (default: PaliGemma2-448's tower)")
+    ap.add_argument("--tokenizer", help="SentencePiece text tokenizer (tokenizer_spm_32k_3.model): adds the "
+                                        "transcript piece to every frame reply")
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mode", default="realtime", choices=MODES)
     ap.add_argument("--tick-ms", type=float, default=80.0)
     ap.add_argument("--budget-ms", type=float, default=80.0)
     ap.add_argument("--max-lag-ms", type=float, default=1000.0, help="realtime: skip ticks when further behind")
     ap.add_argument("--max-queued-frames", type=int, default=25)
+    ap.add_argument("--max-image-file-mb", type=float, default=4.0, help="largest PNG/JPEG file accepted")
 
 
 def server_config(args, host: str, port: int) -> ServerConfig:
     return ServerConfig(host=host, port=port, mode=args.mode, tick_ms=args.tick_ms, budget_ms=args.budget_ms,
-                        max_lag_ms=args.max_lag_ms, max_queued_frames=args.max_queued_frames)
+                        max_lag_ms=args.max_lag_ms, max_queued_frames=args.max_queued_frames,
+                        max_image_file_bytes=int(args.max_image_file_mb * 2 ** 20))
 
 
 async def _serve(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args)
-    server = await Server(engine, server_config(args, args.host, args.port)).start()
+    media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
+    server = await Server(engine, server_config(args, args.host, args.port), media).start()
     mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -622,7 +804,10 @@ async def _serve(args) -> None:
     print(f"moshivis server: ws://{args.host}:{server.port}/  metrics: http://{args.host}:{server.port}/metrics\n"
           f"  {engine.max_streams} streams x {mem['kv_bytes_per_stream'] / 2**20:.1f} MiB K/V, "
           f"{engine.pool.capacity} image slots x {mem['image_bytes_per_slot'] / 2**20:.1f} MiB; "
-          f"mode {args.mode}, tick {args.tick_ms} ms, backend {args.backend}, {engine.device}", flush=True)
+          f"mode {args.mode}, tick {args.tick_ms} ms, backend {args.backend}, {engine.device}\n"
+          f"  pcm: {'yes' if media.codec else 'no (--mimi)'}, image files: "
+          f"{'yes' if media.vision else 'no (--siglip)'}, text: {'yes' if media.tokenizer else 'no (--tokenizer)'}",
+          flush=True)
     await server.wait_closed()
 
 
@@ -630,12 +815,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(ap)
     add_server_args(ap)
+    add_media_args(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8998)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_serve(args))
+    try:
+        asyncio.run(_serve(args))
+    except MediaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,8 +7,10 @@ an image applies, so the exact sequence the engine saw can be replayed.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import io
 import gc
 import json
 import os
@@ -32,7 +34,9 @@ from moshivis import Engine, SamplingParams, preset, random_init
 from moshivis import protocol as P
 from moshivis.client import Client, ServerError
 from moshivis.client import main as client_main
-from moshivis.server import Server, ServerConfig
+from moshivis.server import MediaError, Server, ServerConfig, build_media
+from test_e2e import SENTENCES, tiny_mimi, tiny_siglip, tone
+from test_e2e import tiny_cfg as e2e_cfg
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +66,9 @@ def run(coro, timeout: float = 60.0):
 
 
 @contextlib.asynccontextmanager
-async def serving(engine: Engine, **config):
+async def serving(engine: Engine, media=None, **config):
     config = {"mode": "lockstep", "tick_ms": 2000.0, **config}
-    server = await Server(engine, ServerConfig(host=HOST, port=0, **config)).start()
+    server = await Server(engine, ServerConfig(host=HOST, port=0, **config), media).start()
     try:
         yield server
     finally:
@@ -698,3 +702,215 @@ def test_load_generator_runs(tmp_path):
     r = json.loads(path.read_text())["results"][0]
     assert r["streams"] == 3 and r["refusals"] == 0 and r["errors"] == 0 and r["frames"] > 0
     assert r["stream_frames"] >= r["frames"] and r["frame_p50_ms"] > 0 and r["client_p99_ms"] >= r["client_p50_ms"]
+
+
+# ---- PCM and image files (the chat pipeline over the server) ---------------------------------------
+# Tiny random Mimi, SigLIP and SentencePiece built exactly as tests/test_e2e.py builds them; the
+# oracle is `moshivis.chat.converse` on the same question, image and seed, run alone.
+SEED_A, SEED_B = 5, 6
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    import numpy as np
+    import sentencepiece as spm
+    from PIL import Image
+
+    from moshivis import checkpoint
+
+    gen = torch.Generator().manual_seed(4321)
+    d = tmp_path_factory.mktemp("serve_chat")
+    cfg = e2e_cfg()
+    cfg.to_json(d / "config.json")
+    siglip = tiny_siglip(gen)
+    siglip.config.to_json_file(str(d / "vision_config.json"))
+    weights = random_init(cfg, seed=3)
+    tower = {f"image_prefix.enc.model.{k}": v for k, v in siglip.state_dict().items()}
+    checkpoint.save({**weights, **tower}, d / "model.safetensors")
+    tiny_mimi(gen).save_pretrained(str(d / "mimi"))
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_writer=buf, vocab_size=cfg.text_card,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(d / "photo.png")
+    args = argparse.Namespace(mimi=str(d / "mimi"), mimi_config=None, siglip=None,
+                              checkpoint=str(d / "model.safetensors"), vision_config=str(d / "vision_config.json"),
+                              tokenizer=str(d / "tokenizer.model"))
+    media = build_media(args, cfg, torch.float32, "cpu")
+    assert media.codec and media.vision and media.tokenizer
+    question = tone(0.9, 24000, gen)  # 21600 samples: 11.25 frames
+    return dict(dir=d, cfg=cfg, weights=weights, media=media, args=args, question=question,
+                png=(d / "photo.png").read_bytes())
+
+
+def chat_answer(files, question, seed, image: bool):
+    """moshivis.chat.converse alone: (answer, the transcript pieces it printed)."""
+    from moshivis.chat import converse
+    m, pieces = files["media"], []
+    feats = m.vision.encode(files["dir"] / "photo.png") if image else None
+    answer = converse(Engine(files["cfg"], files["weights"]), m.codec, m.tokenizer, feats, question, seed=seed,
+                      on_text=pieces.append)
+    return answer, "".join(pieces)
+
+
+def assert_same_as_chat(got: dict, answer, printed: str, max_delay: int):
+    tokens = got["tokens"]
+    assert (tokens[:, :max_delay] == -2).all()
+    assert tokens[0, max_delay:].tolist() == answer.text_tokens
+    assert torch.equal(tokens[1:, max_delay:].T, answer.audio_tokens)
+    assert got["pcm"].shape == answer.pcm.shape
+    torch.testing.assert_close(got["pcm"], answer.pcm, atol=1e-6, rtol=0)
+    assert got["transcript"] == printed == answer.transcript and printed, "the random model should say something"
+
+
+def test_pcm_and_png_sessions_match_chat_converse(chat_files):
+    """Two PCM sessions at once (float32 + a PNG; int16, no image) in the same frames, and a token
+    session: each equals `chat.converse` run alone, so the streams share no codec state."""
+    from moshivis.client import converse_pcm
+    f, cfg = chat_files, chat_files["cfg"]
+    q = f["question"]
+    q16 = torch.round(q * 32767).to(torch.int16)
+    gen = torch.Generator().manual_seed(9)
+    user = torch.randint(0, cfg.audio_card, (cfg.num_audio_in, 5), generator=gen)
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=3), media=f["media"]) as server:
+            a, b, t = await asyncio.gather(
+                converse_pcm(HOST, server.port, q, image_file=f["png"], seed=SEED_A, ahead=3),
+                converse_pcm(HOST, server.port, q16, seed=SEED_B, ahead=3),
+                talk(server.port, seed=2, user=user, ahead=2))
+            assert server.metrics.frames < server.metrics.stream_frames  # batched together
+            return a, b, t
+
+    a, b, t = run(scenario())
+    assert_same_as_chat(a, *chat_answer(f, q, SEED_A, image=True), cfg.max_delay)
+    assert_same_as_chat(b, *chat_answer(f, q16.float() / 32768, SEED_B, image=False), cfg.max_delay)
+    got, want = replay_alone(Engine(cfg, f["weights"]), cfg, 2, None, None, user, t)
+    assert torch.equal(got, want)
+
+
+def test_bad_image_files_and_pcm_frames_get_errors_for_that_client_only(chat_files):
+    from moshivis.client import converse_pcm
+    f, cfg = chat_files, chat_files["cfg"]
+    truncated, text = f["png"][:200], b"not a picture at all"
+    frame = torch.zeros(P.PCM_FRAME)
+    before_open = [
+        (P.open_message(image_file=truncated, audio="pcm"), "bad_image", r"open: image file is corrupt or truncated"),
+        (P.open_message(image_file=text), "bad_image", r"open: image file is not a PNG or JPEG image"),
+        (P.open_message(image_file=f["png"], image=torch.zeros(16, 24)), "bad_message", "not both"),
+        (P.open_message(audio="wav"), "bad_message", r"audio must be one of \['tokens', 'pcm'\]"),
+    ]
+    after_open = [
+        (P.pcm_message(torch.zeros(1000)), "bad_audio", r"pcm must have shape \[1920\] .*got \[1000\]"),
+        (P.encode({"type": "audio"}, {"pcm": torch.zeros(P.PCM_FRAME, dtype=torch.float64).half()}), "bad_audio",
+         "float32 or int16"),
+        (P.pcm_message(frame.index_fill(0, torch.tensor([7]), float("nan"))), "bad_audio", "NaN"),
+        (P.audio_message(torch.zeros(cfg.num_audio_in)), "bad_message", "this session speaks pcm"),
+        (P.image_message(None, image_file=truncated), "bad_image", "image: image file is corrupt or truncated"),
+        (P.open_message(), "out_of_order", "already opened"),
+    ]
+
+    async def expect_errors(client, cases):
+        for data, code, pattern in cases:
+            await client.ws.send(data)
+            msg = await client.recv()
+            assert msg.type == "error", msg.header
+            assert msg.header["code"] == code and re.search(pattern, msg.header["message"]), msg.header
+            assert msg.header["fatal"] is False
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"]) as server:
+            good = asyncio.create_task(converse_pcm(HOST, server.port, f["question"], image_file=f["png"],
+                                                    seed=SEED_A, ahead=2))
+            async with await Client.connect(HOST, server.port) as bad:
+                await expect_errors(bad, before_open)
+                opened = await bad.open(seed=1, audio="pcm", image_file=f["png"])  # the same client, again
+                assert (opened["audio"], opened["sample_rate"], opened["frame_size"], opened["text"]) == \
+                    ("pcm", 24000, 1920, True)
+                await expect_errors(bad, after_open)
+                await bad.pcm(frame.to(torch.int16), ref="ok")  # still served
+                msg = await bad.recv()
+                assert (msg.type, msg.header["seq"], msg.header["ref"], msg.header["text"]) == ("frame", 0, "ok", "")
+                assert msg.tensors["pcm"].shape == (1920,) and not msg.tensors["pcm"].any()  # warm-up: silence
+            result = await good
+            assert server.metrics.errors["bad_image"] == 3 and server.metrics.errors["bad_audio"] == 3
+            return result
+
+    assert_same_as_chat(run(scenario()), *chat_answer(f, f["question"], SEED_A, image=True), cfg.max_delay)
+
+
+def test_server_without_codec_or_siglip_refuses_pcm_and_image_files(chat_files, tmp_path):
+    from moshivis import checkpoint
+    f, cfg = chat_files, chat_files["cfg"]
+    # --checkpoint without the tower: image files off (no error); a SigLIP that does not fit: an error.
+    checkpoint.save(f["weights"], tmp_path / "llm.safetensors")
+    args = argparse.Namespace(mimi=None, mimi_config=None, siglip=None, checkpoint=str(tmp_path / "llm.safetensors"),
+                              vision_config=None, tokenizer=None)
+    media = build_media(args, cfg, torch.float32, "cpu")
+    assert media.codec is None and media.vision is None and media.tokenizer is None
+    with pytest.raises(MediaError, match=r"missing \(\d+\)"):
+        build_media(argparse.Namespace(**{**vars(f["args"]), "vision_config": None, "mimi": None}), cfg,
+                    torch.float32, "cpu")
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"]), media=media) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                for kw, pattern in [(dict(audio="pcm"), r"audio 'pcm' needs the Mimi codec; .* without --mimi"),
+                                    (dict(image_file=f["png"]), r"image files need .* without --siglip")]:
+                    with pytest.raises(ServerError, match=pattern) as e:
+                        await c.open(seed=1, **kw)
+                    assert e.value.code == "unsupported"
+                opened = await c.open(seed=1)  # tokens still work
+                assert opened["audio"] == "tokens" and opened["text"] is False
+                await c.ws.send(P.pcm_message(torch.zeros(P.PCM_FRAME)))
+                msg = await c.recv()
+                assert msg.header["code"] == "bad_message" and "this session speaks tokens" in msg.header["message"]
+                await c.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+                msg = await c.recv()
+                assert msg.type == "frame" and set(msg.tensors) == {"tokens"} and "text" not in msg.header
+
+    run(scenario())
+
+
+def test_server_and_client_command_lines_with_wav_and_png(chat_files, tmp_path):
+    """`python -m moshivis.server --mimi --tokenizer --checkpoint (with the tower)`, then
+    `python -m moshivis.client --audio question.wav --image photo.png --out answer.wav`."""
+    from moshivis.audio import load_audio, write_wav
+    f, cfg = chat_files, chat_files["cfg"]
+    d, a = f["dir"], f["args"]
+    write_wav(tmp_path / "question.wav", f["question"], 24000)
+    question = load_audio(tmp_path / "question.wav", 24000)
+    proc = subprocess.Popen([sys.executable, "-m", "moshivis.server", "--config", str(d / "config.json"),
+                             "--checkpoint", a.checkpoint, "--vision-config", a.vision_config, "--mimi", a.mimi,
+                             "--tokenizer", a.tokenizer, "--port", "0", "--max-streams", "1", "--threads", "1",
+                             "--mode", "lockstep", "--log-level", "WARNING"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        port, deadline = None, time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", lines.get(timeout=1))
+                port = int(m[1]) if m else None
+        assert port, "the server did not start"
+        out = tmp_path / "answer.wav"
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = client_main(["--port", str(port), "--audio", str(tmp_path / "question.wav"),
+                              "--image", str(d / "photo.png"), "--out", str(out), "--seed", str(SEED_A)])
+        assert rc == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        proc.stdout.close()
+    answer, printed = chat_answer(f, question, SEED_A, image=True)
+    assert stdout.getvalue() == printed + "\n"
+    got = load_audio(out, 24000)
+    assert got.shape == answer.pcm.shape
+    torch.testing.assert_close(got, torch.round(answer.pcm.clamp(-1, 1) * 32767) / 32768, atol=1e-6, rtol=0)
