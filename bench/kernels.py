@@ -185,7 +185,7 @@ def xattn_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
                                                  cache_batch_idx=slots.to(torch.int32))[:, 0]
 
         impls = [
-            Impl("triton", "ours: moshivis_kernels.gated_cross_attention (6 launches)",
+            Impl("triton", "ours: moshivis_kernels.gated_cross_attention (5 launches)",
                  lambda x=x, pool=pool, slots=slots: gated_cross_attention(x, alpha, wq, pool, slots, wo, w0, w2),
                  ours=True, check_against="torch"),
             Impl("torch", "PyTorch reference as the torch backend runs it (gather + fp32 softmax)",

@@ -9,11 +9,14 @@ For B streams, each with a slot into the static pool `image_kv [S, N, 2, H, D]` 
     g    = sigmoid(relu(a @ W0^T) @ W2^T - 4)
     out  = x + a * g    (rows with slot -1: out = x exactly)
 
-Six launches, in three public pieces (each with a `*_reference`):
+Five launches, in three public pieces (each with a `*_reference`):
   `norm_q_projection`  norm fused into the Q projection (one launch);
-  `image_attention`    split-key attention partials, then their combine (two launches);
+  `image_attention`    split-key attention; the last split of each (row chunk, head) to finish merges
+                       the partials (an arrival counter, `_arrival.last_arrival`) (one launch);
   `gated_output`       out projection, gate hidden layer, gate output + residual (three launches: a
-                       needs all of dim before W0, and the gate output needs all of relu(a W0^T)).
+                       needs all of dim before W0, and the gate output needs all of relu(a W0^T); a
+                       last-arriver fusion would leave one program per row tile reading all of W0,
+                       or the partial products of every column tile, serially).
 Intermediates are rounded to x's dtype where the model's reference rounds them (each linear's output,
 the attention output, `- 4`, the sigmoid, `a * g`), so bf16 results track the bf16 reference.
 
@@ -31,6 +34,7 @@ from functools import lru_cache
 
 import torch
 
+from ._arrival import last_arrival, shared_counters
 from ._runtime import cdiv, check_tensor, next_pow2, record_launch
 
 import triton  # noqa: E402  (after _runtime, which picks the interpreter)
@@ -128,28 +132,55 @@ def _rows_linear_kernel(x_ptr, alpha_ptr, w_ptr, out_ptr, slots_ptr, gate_mean_p
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr,
-                       B, N, keys_per_split, qk_scale,
-                       stride_qb, stride_qh, stride_ks, stride_kn, stride_k2, stride_kh,
-                       stride_sb, stride_sh, stride_ss, stride_ab, stride_ah, stride_as,
-                       BLOCK_R: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax partials of one head over one split of the keys, for a group of rows.
+def _merge_splits(stats_ptr, acc_ptr, rows, rows_ok, head, n_splits, stride_sb, stride_sh, stride_ss,
+                  stride_ab, stride_ah, stride_as, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[rows, HEAD_DIM]: sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (M = max_s m_s) over the splits'
+    partials of each row, added in split order. Every split saw a key, so M is finite."""
+    s = tl.arange(0, BLOCK_S)
+    stats = stats_ptr + rows[:, None] * stride_sb + head * stride_sh + s[None, :] * stride_ss
+    ok = rows_ok[:, None] & (s < n_splits)[None, :]
+    m = tl.load(stats, mask=ok, other=float("-inf"))
+    m_max = tl.where(rows_ok, tl.max(m, axis=1), 0.0)
+    den = tl.sum(tl.exp2(m - m_max[:, None]) * tl.load(stats + 1, mask=ok, other=0.0), axis=1)
+    d = tl.arange(0, HEAD_DIM)
+    num = tl.zeros((rows.shape[0], HEAD_DIM), tl.float32)
+    for i in range(n_splits):  # one [rows, HEAD_DIM] partial at a time: registers stay flat in the splits
+        m_i = tl.load(stats_ptr + rows * stride_sb + head * stride_sh + i * stride_ss, mask=rows_ok, other=0.0)
+        acc = tl.load(acc_ptr + (rows * stride_ab + head * stride_ah + i * stride_as)[:, None] + d[None, :],
+                      mask=rows_ok[:, None], other=0.0)
+        num += tl.exp2(m_i - m_max)[:, None] * acc
+    return num / tl.where(rows_ok, den, 1.0)[:, None]
 
-    q [B, H, D]; kv [S, N, 2, H, D]; slots [B]. Grid (B, H, splits). Program (b, h, s) works only if
-    row b has an image and is the first of a chunk of BLOCK_R rows with the same slot (in row order):
-    it then reads keys [s * keys_per_split, (s + 1) * keys_per_split) of head h of that slot once for
-    the whole chunk, so streams sharing an image share its K/V reads. For each row r of the chunk it
-    writes, in the log2 domain (qk_scale = log2(e) / sqrt(D)):
+
+@triton.jit
+def _attention_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr, count_ptr, out_ptr,
+                      B, N, keys_per_split, qk_scale,
+                      stride_qb, stride_qh, stride_ks, stride_kn, stride_k2, stride_kh,
+                      stride_sb, stride_sh, stride_ss, stride_ab, stride_ah, stride_as,
+                      stride_cb, stride_ob, stride_oh,
+                      BLOCK_R: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Attention of one head over one split of the keys for a group of rows; the last split merges.
+
+    q [B, H, D]; kv [S, N, 2, H, D]; slots [B]; out [B, H, D] (q's dtype). Grid (B, H, splits). A row
+    without an image gets zeros (from its split-0 program). Program (b, h, s) otherwise works only if
+    row b is the first of a chunk of BLOCK_R rows with the same slot (in row order): it then reads keys
+    [s * keys_per_split, (s + 1) * keys_per_split) of head h of that slot once for the whole chunk, so
+    streams sharing an image share its K/V reads. For each row r of the chunk it writes, in the log2
+    domain (qk_scale = log2(e) / sqrt(D)):
         stats[r, h, s] = (m, l) = (max_j z_j, sum_j 2^(z_j - m)),  acc[r, h, s] = sum_j 2^(z_j - m) V_j
     with z_j = q_r . K_j * qk_scale. As in flash-attention, the probabilities are rounded to V's dtype
-    for the P @ V product (fp32 accumulation).
+    for the P @ V product (fp32 accumulation). The last of the chunk's splits to arrive at
+    count[b, h] (row stride stride_cb) merges them into out (`_merge_splits`, BLOCK_S >= splits).
     """
     pid_b = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
+    d = tl.arange(0, HEAD_DIM)
     slot = tl.load(slots_ptr + pid_b)
     if slot < 0:
+        tl.store(out_ptr + pid_b * stride_ob + head * stride_oh + d, tl.zeros((HEAD_DIM,), out_ptr.dtype.element_ty),
+                 mask=(d < HEAD_DIM) & (split == 0))
         return
     everyone = tl.arange(0, BLOCK_ALL)
     same = (tl.load(slots_ptr + everyone, mask=everyone < B, other=-1) == slot).to(tl.int32)
@@ -162,7 +193,6 @@ def _attn_split_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr,
     rows = tl.sum(tl.where(hit, everyone[None, :], 0), axis=1)
     rows_ok = tl.sum(hit.to(tl.int32), axis=1) > 0
 
-    d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + rows[:, None] * stride_qb + head * stride_qh + d[None, :],
                 mask=rows_ok[:, None], other=0.0)
     k_base = kv_ptr + slot.to(tl.int64) * stride_ks + head * stride_kh
@@ -192,32 +222,11 @@ def _attn_split_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr,
     tl.store(stats + 1, l_i, mask=rows_ok)
     tl.store(acc_ptr + (rows * stride_ab + head * stride_ah + split * stride_as)[:, None] + d[None, :],
              acc, mask=rows_ok[:, None])
-
-
-@triton.jit
-def _attn_combine_kernel(stats_ptr, acc_ptr, slots_ptr, out_ptr, n_splits,
-                         stride_sb, stride_sh, stride_ss, stride_ab, stride_ah, stride_as,
-                         stride_ob, stride_oh,
-                         BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s  (M = max_s m_s), zeros without image.
-
-    Grid (B, H); out [B, H, D] in the query's dtype.
-    """
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    d = tl.arange(0, HEAD_DIM)
-    out = tl.zeros((HEAD_DIM,), tl.float32)
-    if tl.load(slots_ptr + b) >= 0:
-        s = tl.arange(0, BLOCK_S)
-        s_ok = s < n_splits
-        stats = stats_ptr + b * stride_sb + head * stride_sh + s * stride_ss
-        m = tl.load(stats, mask=s_ok, other=float("-inf"))
-        l = tl.load(stats + 1, mask=s_ok, other=0.0)
-        weight = tl.exp2(m - tl.max(m, axis=0))
-        acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + s[:, None] * stride_as + d[None, :],
-                      mask=s_ok[:, None], other=0.0)
-        out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l, axis=0)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    if last_arrival(count_ptr + pid_b * stride_cb + head, tl.num_programs(2)):
+        out = _merge_splits(stats_ptr, acc_ptr, rows, rows_ok, head, tl.num_programs(2), stride_sb, stride_sh,
+                            stride_ss, stride_ab, stride_ah, stride_as, HEAD_DIM, BLOCK_S)
+        tl.store(out_ptr + (rows * stride_ob + head * stride_oh)[:, None] + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None])
 
 
 @triton.jit
@@ -320,7 +329,9 @@ class CrossAttentionWorkspace:
     the first rows are used), e.g. preallocated once for a CUDA graph.
 
     q, attn, a [batch, dim] and h [batch, G] in the activations' dtype; stats [batch, H, splits, 2]
-    (running max and sum) and acc [batch, H, splits, D] are the attention's fp32 partials.
+    (running max and sum) and acc [batch, H, splits, D] are the attention's fp32 partials; counters
+    [batch, H] int32 its arrival counters, zero when made and left at zero by every call (calls sharing
+    a workspace must run in stream order).
     """
     q: torch.Tensor
     attn: torch.Tensor
@@ -328,6 +339,7 @@ class CrossAttentionWorkspace:
     h: torch.Tensor
     stats: torch.Tensor
     acc: torch.Tensor
+    counters: torch.Tensor
 
 
 def cross_attention_workspace(batch: int, dim: int, num_heads: int, n_keys: int, gate_dim: int,
@@ -340,7 +352,8 @@ def cross_attention_workspace(batch: int, dim: int, num_heads: int, n_keys: int,
         q=torch.empty(batch, dim, **act), attn=torch.empty(batch, dim, **act),
         a=torch.empty(batch, dim, **act), h=torch.empty(batch, gate_dim, **act),
         stats=torch.empty(batch, num_heads, splits, 2, **f32),
-        acc=torch.empty(batch, num_heads, splits, head_dim, **f32))
+        acc=torch.empty(batch, num_heads, splits, head_dim, **f32),
+        counters=torch.zeros(batch, num_heads, dtype=torch.int32, device=device))
 
 
 def _scratch(workspace, field: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
@@ -459,7 +472,7 @@ def image_attention(q: torch.Tensor, image_kv: torch.Tensor, slots: torch.Tensor
                     ) -> torch.Tensor:
     """softmax(q . K^T / sqrt(D)) V over all N tokens of each row's slot: q [B, H, D], image_kv
     [S, N, 2, H, D] (K at index 0 of dim 2, V at 1), slots [B] (-1 = no image) -> [B, H, D] in q's
-    dtype, zeros for rows without an image. Two launches (partials, combine)."""
+    dtype, zeros for rows without an image. One launch."""
     check_tensor(q, "q", 3, _FLOAT_DTYPES)
     B, H, D = q.shape
     if q.stride(-1) != 1:
@@ -474,29 +487,28 @@ def image_attention(q: torch.Tensor, image_kv: torch.Tensor, slots: torch.Tensor
     return out
 
 
-def _attention_scratch(workspace, B: int, H: int, D: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_scratch(workspace, B: int, H: int, D: int, N: int, device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stats, acc, counters): the workspace's, or new partials and the shared per-device counters."""
     splits = _attention_config(B, H, N, _num_sms(device))["splits"]
+    counters = (shared_counters(device, B * H).view(B, H) if workspace is None
+                else _scratch(workspace, "counters", (B, H), torch.int32, device))
     return (_scratch(workspace, "stats", (B, H, splits, 2), torch.float32, device),
-            _scratch(workspace, "acc", (B, H, splits, D), torch.float32, device))
+            _scratch(workspace, "acc", (B, H, splits, D), torch.float32, device), counters)
 
 
-def _attention(q, image_kv, slots, out, stats, acc) -> None:
+def _attention(q, image_kv, slots, out, stats, acc, counters) -> None:
     B, H, D = q.shape
     cfg = _attention_config(B, H, image_kv.shape[1], _num_sms(q.device))
     splits = cfg.pop("splits")
     keys_per_split = cfg.pop("keys_per_split")
-    _attn_split_kernel[(B, H, splits)](
-        q, image_kv, slots, stats, acc, B, image_kv.shape[1], keys_per_split, _LOG2E / math.sqrt(D),
+    _attention_kernel[(B, H, splits)](
+        q, image_kv, slots, stats, acc, counters, out, B, image_kv.shape[1], keys_per_split, _LOG2E / math.sqrt(D),
         q.stride(0), q.stride(1), image_kv.stride(0), image_kv.stride(1), image_kv.stride(2),
         image_kv.stride(3), stats.stride(0), stats.stride(1), stats.stride(2),
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
-    record_launch("xattn_attention_split")
-    _attn_combine_kernel[(B, H)](
-        stats, acc, slots, out, splits, stats.stride(0), stats.stride(1), stats.stride(2),
-        acc.stride(0), acc.stride(1), acc.stride(2), out.stride(0), out.stride(1),
-        BLOCK_S=next_pow2(splits), HEAD_DIM=D, num_warps=4)
-    record_launch("xattn_attention_combine")
+        acc.stride(0), acc.stride(1), acc.stride(2), counters.stride(0), out.stride(0), out.stride(1),
+        BLOCK_S=next_pow2(splits), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    record_launch("xattn_attention")
 
 
 def image_attention_reference(q, image_kv, slots) -> torch.Tensor:
@@ -568,8 +580,9 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
     in_proj_weight); image_kv [S, N, 2, H, D] with H * D = dim; slots [B] int32/int64 in [-1, S)
     (not checked: that would need a sync); wo [dim, dim]; gate_w0 [G, dim]; gate_w2 [dim, G].
     out may be x (in place); gate_mean (fp32 [B]) receives each row's mean gate (0 without image).
-    workspace: preallocated scratch (`cross_attention_workspace`), else allocated per call.
-    Six launches, no host synchronisation.
+    workspace: preallocated scratch (`cross_attention_workspace`), else allocated per call (the
+    attention's arrival counters then come from a per-device buffer of zeros).
+    Five launches, no host synchronisation.
     """
     B, dim = _check_x(x)
     _check_alpha(norm_alpha, dim, x.device)
@@ -583,12 +596,12 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
     _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean)
     q = _scratch(workspace, "q", (B, dim), x.dtype, x.device)
     attn = _scratch(workspace, "attn", (B, dim), x.dtype, x.device)
-    stats, acc = _attention_scratch(workspace, B, H, D, image_kv.shape[1], x.device)
+    stats, acc, counters = _attention_scratch(workspace, B, H, D, image_kv.shape[1], x.device)
     a, h = _gate_scratch(workspace, x, gate_w0.shape[0])
     out = torch.empty_like(x) if out is None else out
 
     _rows_linear(x, norm_alpha.reshape(-1), wq, q, slots, None, eps=eps, norm=True, relu=False)
-    _attention(q.unflatten(1, (H, D)), image_kv, slots, attn.unflatten(1, (H, D)), stats, acc)
+    _attention(q.unflatten(1, (H, D)), image_kv, slots, attn.unflatten(1, (H, D)), stats, acc, counters)
     _gated_output(x, attn, slots, wo, gate_w0, gate_w2, out, gate_mean, a, h)
     return out
 
@@ -653,12 +666,10 @@ def audit_cases() -> list[dict]:
         strides = dict(stride_qb=dim, stride_qh=D, stride_ks=N * 2 * dim, stride_kn=2 * dim, stride_k2=dim,
                        stride_kh=D, stride_sb=H * splits * 2, stride_sh=splits * 2, stride_ss=2,
                        stride_ab=H * splits * D, stride_ah=splits * D, stride_as=D)
-        add(f"xattn_attention_split_b{B}", _attn_split_kernel,
-            dict(q_ptr=bf, kv_ptr=bf, slots_ptr=slot, stats_ptr=f32, acc_ptr=f32),
-            dict(B=B, N=N, keys_per_split=cfg.pop("keys_per_split"), **strides),
-            dict(HEAD_DIM=D, DOT_PRECISION="tf32", **cfg), floats=("qk_scale",), **launch)
-        add(f"xattn_attention_combine_b{B}", _attn_combine_kernel,
-            dict(stats_ptr=f32, acc_ptr=f32, slots_ptr=slot, out_ptr=bf),
-            dict(n_splits=splits, stride_ob=dim, stride_oh=D, **strides),
-            dict(BLOCK_S=next_pow2(splits), HEAD_DIM=D), num_warps=4, num_stages=1)
+        add(f"xattn_attention_b{B}_splits{splits}", _attention_kernel,
+            dict(q_ptr=bf, kv_ptr=bf, slots_ptr=slot, stats_ptr=f32, acc_ptr=f32, count_ptr="*i32", out_ptr=bf),
+            dict(B=B, N=N, keys_per_split=cfg.pop("keys_per_split"), stride_cb=H, stride_ob=dim, stride_oh=D,
+                 **strides),
+            dict(HEAD_DIM=D, DOT_PRECISION="tf32", BLOCK_S=next_pow2(splits), **cfg), floats=("qk_scale",),
+            **launch)
     return cases

@@ -16,6 +16,11 @@ launch on the tl.dot path, where an [M, K] pass per program would read as many b
 program's weight tile (M = 64) and wait on tens of serial load round trips before its first dot.
 Epilogues: bias, SwiGLU's gate (`silu(u[:, :h]) * u[:, h:]`) and a residual add (`out` may alias
 `residual`).
+
+Split-K (shapes with too few output tiles to fill the GPU): each program stores its fp32 partial sums,
+and the last program to finish an output tile (an arrival counter per tile, `_arrival.last_arrival`) adds
+the tile's partials in split order and applies the epilogue, so a linear is one launch (two on the tl.dot
+path with a norm) and its results do not depend on which program finishes last.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ._arrival import last_arrival, shared_counters
 from ._runtime import cdiv, check_tensor, next_pow2, record_launch
 
 import triton  # noqa: E402  (after _runtime: it sets TRITON_INTERPRET when there is no GPU)
@@ -110,6 +116,21 @@ def _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stri
 
 
 @triton.jit
+def _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE: tl.constexpr):
+    """part[0] + part[1] + ... (split order, so the same bits whichever program adds them) for the
+    tile's outputs, and their gate halves with GATE."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
+    acc_a = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    acc_b = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    for s in range(tl.num_programs(2)):
+        acc_a += tl.load(ptrs + s * stride_pk, mask=mask, other=0.0)
+        if GATE:
+            acc_b += tl.load(ptrs + s * stride_pk + N, mask=mask, other=0.0)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _to_f32(w):
     """Weight tile to fp32. Int8 goes through an integer add and an fp32 subtract instead of an I2F
     conversion (a fraction of the ALU throughput, enough to cap a GEMV near DRAM speed): the bits of
@@ -121,7 +142,7 @@ def _to_f32(w):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, alpha_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, scale_ptr, alpha_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, k_per_split, eps,
     stride_xm, stride_xk, stride_wn,
     stride_rm, stride_rn, stride_om, stride_on, stride_pk, stride_pm,
@@ -140,8 +161,8 @@ def _gemv_kernel(
     8 bf16), widened to fp32 once and used for every row m; each x row tile (BLOCK_K < number of
     threads) is loaded straight into the weight tile's layout, so no shared-memory shuffles happen
     in the loop. Sums are kept transposed, [BLOCK_N, BLOCK_M], so per-row results land in that same
-    layout. With SPLIT the unscaled sums go to part[s] for `_splitk_reduce_kernel`; otherwise the
-    epilogue runs here.
+    layout. With SPLIT the unscaled sums go to part[s] [SPLIT_K, M, N_w] fp32, and the last of the
+    tile's SPLIT_K programs to arrive at count[n] adds them up and applies the epilogue.
     """
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -175,6 +196,10 @@ def _gemv_kernel(
     acc_b = tl.trans(acc_b)
     if SPLIT:
         _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stride_pm, GATE)
+        if last_arrival(count_ptr + pid_n, tl.num_programs(2)):
+            acc_a, acc_b = _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE)
+            _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
     else:
         _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
@@ -193,7 +218,7 @@ def _dot(a, w, acc, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _mm_kernel(
-    x_ptr, w_ptr, scale_ptr, alpha_ptr, rstd_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, scale_ptr, alpha_ptr, rstd_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_wn,
     stride_rm, stride_rn, stride_om, stride_on, stride_pk, stride_pm,
@@ -207,7 +232,8 @@ def _mm_kernel(
 
     Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K). Weight tiles [BLOCK_K, BLOCK_N] (a
     transposed view of W rows) go to `tl.dot` with fp32 accumulation (see `_dot` for the operand
-    dtype); with HAS_NORM the x tile is normalised in registers first.
+    dtype); with HAS_NORM the x tile is normalised in registers first. With SPLIT, output tile
+    (n, m) counts its arrivals at count[m * cdiv(N, BLOCK_N) + n].
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -237,6 +263,10 @@ def _mm_kernel(
             acc_b = _dot(x, w, acc_b, DOT_FP32)
     if SPLIT:
         _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stride_pm, GATE)
+        if last_arrival(count_ptr + pid_m * tl.num_programs(0) + pid_n, tl.num_programs(2)):
+            acc_a, acc_b = _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE)
+            _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
     else:
         _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
@@ -252,30 +282,6 @@ def _norm_stats_kernel(x_ptr, rstd_ptr, M, K, eps, stride_xm, stride_xk,
     tl.store(rstd_ptr + offs_m, rstd, mask=offs_m < M)
 
 
-@triton.jit
-def _splitk_reduce_kernel(
-    part_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-    M, N, SPLIT_K,
-    stride_pk, stride_pm, stride_rm, stride_rn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):
-    """Sums part[0..SPLIT_K) [SPLIT_K, M, N_w] fp32 in a fixed order (deterministic, no atomics),
-    then applies the epilogue. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
-    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc_a += tl.load(ptrs + s * stride_pk, mask=mask, other=0.0)
-        if GATE:
-            acc_b += tl.load(ptrs + s * stride_pk + N, mask=mask, other=0.0)
-    _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-              stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
@@ -288,8 +294,6 @@ def _splitk_reduce_kernel(
 # longer; not measured on a GPU yet, so both use the same limit.
 _GEMV_MAX_M = 2
 _DEFAULT_SMS = 132  # H100 SXM; used when no GPU is visible (interpreter, static audit)
-_REDUCE_BLOCK_M = 16
-_REDUCE_BLOCK_N = 128
 # Elements of x per norm-statistics tile (32 per thread of 4 warps): one iteration over K = 4096 per
 # row, since each iteration waits for its loads.
 _NORM_TILE = 4096
@@ -319,7 +323,8 @@ def _num_sms(device_index: int | None) -> int:
 def _split_k(tiles: int, k_blocks: int, num_sms: int, min_programs: int) -> int:
     """Split of K for shapes whose output tiles leave SMs idle (tiles < num_sms): the smallest power
     of 2 (<= 16, >= 1 K block per split) giving >= min_programs programs, so that enough weight loads
-    are in flight. Each split costs an fp32 partial write and the reduce launch."""
+    are in flight. Each split costs an fp32 partial write and its read by the tile's last program.
+    Splitting only below num_sms tiles also bounds the arrival counters a call needs (< num_sms)."""
     split = 1
     if tiles >= num_sms:
         return split
@@ -361,11 +366,66 @@ def launch_config(M: int, N: int, K: int, *, gate: bool, weight_dtype: torch.dty
                         num_warps, num_stages)
 
 
+def _dot_fp32(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """tl.dot in fp32: fp32 activations, or float weights of another dtype than x."""
+    return x_dtype == torch.float32 or (weight_dtype != torch.int8 and weight_dtype != x_dtype)
+
+
+def _config(M: int, N: int, K: int, x_dtype: torch.dtype, weight_dtype: torch.dtype, gate: bool, norm: bool,
+            device: torch.device) -> LaunchConfig:
+    return launch_config(M, N, K, gate=gate, weight_dtype=weight_dtype, dot_fp32=_dot_fp32(x_dtype, weight_dtype),
+                         norm=norm, num_sms=_num_sms(device.index if device.type == "cuda" else None))
+
+
+def _split_needs(cfg: LaunchConfig, M: int, N: int, n_w: int) -> tuple[int, int]:
+    """(fp32 partials, arrival counters) a split-K call uses: part [SPLIT_K, M, N_w], one counter per tile."""
+    return cfg.split_k * M * n_w, cdiv(N, cfg.block_n) * cdiv(M, cfg.block_m)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class LinearWorkspace:
+    """Split-K scratch for `linear`, reusable by every call it is large enough for (one can serve all the
+    linears of a frame, e.g. captured in a CUDA graph): partials, fp32 (any content), and counters,
+    int32 arrival counters that must be zero when made; every call leaves them at zero. Calls sharing
+    one must run in stream order."""
+    partials: torch.Tensor
+    counters: torch.Tensor
+
+
+def linear_workspace(x: torch.Tensor, weight: torch.Tensor, *, epilogue: str = "none") -> LinearWorkspace | None:
+    """The scratch `linear(x, weight, ..., epilogue=epilogue)` needs, allocated on x's device, or None when
+    that call does not split K (it then needs none). Only x's shape, dtype and device matter."""
+    gate = epilogue == "silu_gate"
+    (M, K), n_w = x.shape, weight.shape[0]
+    N = n_w // 2 if gate else n_w
+    cfg = _config(M, N, K, x.dtype, weight.dtype, gate, False, x.device)
+    if cfg.split_k == 1 or M == 0 or N == 0:
+        return None
+    partials, counters = _split_needs(cfg, M, N, n_w)
+    return LinearWorkspace(torch.empty(partials, dtype=torch.float32, device=x.device),
+                           torch.zeros(counters, dtype=torch.int32, device=x.device))
+
+
+def _split_scratch(workspace, cfg: LaunchConfig, M: int, N: int, n_w: int, device):
+    """(part [SPLIT_K, M, N_w] fp32, counters) for a split-K call: views of the workspace, or new partials
+    and the shared per-device counters."""
+    need, tiles = _split_needs(cfg, M, N, n_w)
+    if workspace is None:
+        return torch.empty((cfg.split_k, M, n_w), device=device, dtype=torch.float32), shared_counters(device, tiles)
+    for name, t, dtype, n in (("partials", workspace.partials, torch.float32, need),
+                              ("counters", workspace.counters, torch.int32, tiles)):
+        check_tensor(t, f"workspace.{name}", 1, (dtype,), device)
+        if t.numel() < n or t.stride(0) != 1:
+            raise ValueError(f"workspace.{name} must be contiguous with at least {n} elements for this call, got "
+                             f"shape {list(t.shape)} (see linear_workspace)")
+    return workspace.partials[:need].view(cfg.split_k, M, n_w), workspace.counters[:tiles]
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -429,7 +489,7 @@ def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, *, norm: str | None = None, norm_alpha: torch.Tensor | None = None,
            norm_eps: float = 1e-8, residual: torch.Tensor | None = None, epilogue: str = "none",
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, workspace: LinearWorkspace | None = None) -> torch.Tensor:
     """y = norm(x) @ W^T (+ bias) (gate) (+ residual), in x.dtype.
 
     x [M, K] fp32/bf16/fp16. weight [N_w, K] with unit stride along K (a row slice of a bigger
@@ -439,6 +499,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     epilogue "none": y [M, N_w]. epilogue "silu_gate" (SwiGLU's linear_in, N_w = 2h): with
     u = norm(x) @ W^T (+ bias), y [M, h] = silu(u[:, :h]) * u[:, h:]. residual [M, N] is added last;
     `out` [M, N] may be `residual` itself (in place) but must not overlap any other input.
+    workspace: split-K scratch (`linear_workspace`); without it, partials are allocated per call and the
+    arrival counters come from a per-device buffer of zeros. One launch (two on the tl.dot path with
+    a norm), no host synchronisation.
     """
     check_tensor(x, "x", 2, _FLOATS)
     device = x.device
@@ -484,14 +547,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
                 or out.dtype != residual.dtype):
             raise ValueError("out may alias residual only exactly (same data pointer, strides and dtype), "
                              "not partially overlap it")
+    if workspace is not None and not isinstance(workspace, LinearWorkspace):
+        raise TypeError(f"workspace must be a LinearWorkspace (see linear_workspace), got {type(workspace).__name__}")
     if M == 0 or N == 0:
         return out
 
-    dot_fp32 = x.dtype == torch.float32 or (not quantized and weight.dtype != x.dtype)
-    cfg = launch_config(M, N, K, gate=gate, weight_dtype=weight.dtype, dot_fp32=dot_fp32, norm=norm is not None,
-                        num_sms=_num_sms(device.index if device.type == "cuda" else None))
+    cfg = _config(M, N, K, x.dtype, weight.dtype, gate, norm is not None, device)
     split = cfg.split_k > 1
-    part = torch.empty((cfg.split_k, M, n_w), device=device, dtype=torch.float32) if split else out
+    part, counters = _split_scratch(workspace, cfg, M, N, n_w, device) if split else (out, out)
     res = residual if residual is not None else out
     # absent scale / alpha / rstd / bias pointers are never dereferenced: x stands in for them
     scale_arg = scale if quantized else x
@@ -504,7 +567,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.gemv:
         _gemv_kernel[(cdiv(N, cfg.block_n), 1, cfg.split_k)](
-            x, weight, scale_arg, alpha_arg, bias_arg, res, out, part, M, N, K, cfg.k_per_split, float(norm_eps),
+            x, weight, scale_arg, alpha_arg, bias_arg, res, out, part, counters, M, N, K, cfg.k_per_split,
+            float(norm_eps),
             *strides, NORM=norm or "none", NORM_BLOCK_K=cfg.norm_block_k, **meta)
         record_launch("linear.gemv")
     else:
@@ -515,17 +579,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
                                      NORM=norm, NORM_BLOCK_K=cfg.norm_block_k, num_warps=_NORM_NUM_WARPS)
             record_launch("linear.norm_stats")
         grid = (cdiv(N, cfg.block_n), cdiv(M, cfg.block_m), cfg.split_k)
-        _mm_kernel[grid](x, weight, scale_arg, alpha_arg, rstd, bias_arg, res, out, part, M, N, K, cfg.k_per_split,
-                         *strides, HAS_NORM=norm is not None, DOT_FP32=dot_fp32, **meta)
+        _mm_kernel[grid](x, weight, scale_arg, alpha_arg, rstd, bias_arg, res, out, part, counters, M, N, K,
+                         cfg.k_per_split, *strides, HAS_NORM=norm is not None,
+                         DOT_FP32=_dot_fp32(x.dtype, weight.dtype), **meta)
         record_launch("linear.mm")
-    if split:
-        grid = (cdiv(N, _REDUCE_BLOCK_N), cdiv(M, _REDUCE_BLOCK_M))
-        _splitk_reduce_kernel[grid](
-            part, scale_arg, bias_arg, res, out,
-            M, N, cfg.split_k,
-            part.stride(0), part.stride(1), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=_REDUCE_BLOCK_M, BLOCK_N=_REDUCE_BLOCK_N, **flags, num_warps=4)
-        record_launch("linear.splitk_reduce")
     return out
 
 
@@ -599,6 +656,7 @@ def audit_cases() -> list[dict]:
                 args = {"x_ptr": "*bf16", "w_ptr": wtype, "scale_ptr": "*fp32" if quantized else "*bf16",
                         "alpha_ptr": "*bf16", "rstd_ptr": "*fp32" if norm else "*bf16", "bias_ptr": "*bf16",
                         "res_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32" if split else "*bf16",
+                        "count_ptr": "*i32" if split else "*bf16",
                         "M": M, "N": N, "K": K, "k_per_split": cfg.k_per_split, "eps": "fp32",
                         "stride_xm": K, "stride_xk": 1, "stride_wn": K, "stride_rm": N, "stride_rn": 1,
                         "stride_om": N, "stride_on": 1, "stride_pk": M * n_w if split else 0,
@@ -622,12 +680,4 @@ def audit_cases() -> list[dict]:
                             "stride_xm": K, "stride_xk": 1}
                     cases.append(_case(f"linear.norm_stats.{name}.M{M}.K{K}.{norm}", _norm_stats_kernel, args,
                                        {"NORM": norm, "NORM_BLOCK_K": cfg.norm_block_k}, _NORM_NUM_WARPS, 1))
-                if split:
-                    args = {"part_ptr": "*fp32", "scale_ptr": "*fp32" if quantized else "*bf16",
-                            "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
-                            "M": M, "N": N, "SPLIT_K": cfg.split_k,
-                            "stride_pk": M * n_w, "stride_pm": n_w, "stride_rm": N, "stride_rn": 1,
-                            "stride_om": N, "stride_on": 1}
-                    meta = {"BLOCK_M": _REDUCE_BLOCK_M, "BLOCK_N": _REDUCE_BLOCK_N, **flags}
-                    cases.append(_case(f"linear.splitk_reduce.{tag}", _splitk_reduce_kernel, args, meta, 4, 1))
     return cases

@@ -13,11 +13,12 @@ The key of absolute position p lives at index p % context, so the visible window
 or all positions so far before the buffer fills). Rotated q and k are rounded to qkv's dtype, and k, v
 to the cache's dtype, where the reference rounds them; scores, softmax and the sum run in fp32.
 
-Two launches (one when a single split covers the context): the context is split over programs
-(split, head, stream); every program holds the new k', v in registers and treats index p % context as
-masked in the cache, so no program reads what another writes in the same call. Split 0 of each
-(stream, head) writes k', v to the cache and folds the new token into its online softmax; the
-partials (max, sum, unnormalised output) are then merged by a combine launch.
+One launch: the context is split over programs (split, head, stream); every program holds the new k', v
+in registers and treats index p % context as masked in the cache, so no program reads what another writes
+in the same call. Split 0 of each (stream, head) writes k', v to the cache and folds the new token into its
+online softmax. With several splits, each stores its partial (max, sum, unnormalised output) and the last
+split of each (stream, head) to finish (an arrival counter, `_arrival.last_arrival`) merges them in split
+order, so the result does not depend on which split finishes last.
 
 Nothing is synchronised with the host (rows and positions stay on the device), so the launches can be
 captured in a CUDA graph. Rows must be distinct slots in [0, S) and positions >= 0: the engine
@@ -29,6 +30,7 @@ import math
 
 import torch
 
+from ._arrival import last_arrival, shared_counters
 from ._runtime import cdiv, check_tensor, next_pow2, record_launch
 
 import triton  # noqa: E402  (after _runtime, which picks the interpreter)
@@ -56,11 +58,29 @@ def _rope(x_ptr, offs_d, pos_f, freq):
 
 
 @triton.jit
+def _combine(part_acc_ptr, part_ml_ptr, part0, n_split, offs_d, BLOCK_S: tl.constexpr):
+    """sum_s w_s acc_s / sum_s w_s l_s over partials part0 .. part0 + n_split - 1, w_s = exp2(m_s - max_s m_s).
+
+    Split 0 always holds the new token, so max_s m_s is finite and the denominator positive; splits that
+    saw no key have m_s = -inf and weigh 0.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    ok = offs_s < n_split
+    m = tl.load(part_ml_ptr + (part0 + offs_s) * 2, mask=ok, other=float("-inf"))
+    l_sum = tl.load(part_ml_ptr + (part0 + offs_s) * 2 + 1, mask=ok, other=0.0)
+    acc = tl.load(part_acc_ptr + (part0 + offs_s)[:, None] * offs_d.shape[0] + offs_d[None, :], mask=ok[:, None],
+                  other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))
+    return tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_sum, axis=0)
+
+
+@triton.jit
 def _self_attention_decode_kernel(
         qkv_ptr, stride_qkv_b, kv_ptr, stride_kv_s, stride_kv_t, stride_kv_c, stride_kv_h,
-        rows_ptr, stride_rows, pos_ptr, stride_pos, out_ptr, stride_out_b, part_acc_ptr, part_ml_ptr,
+        rows_ptr, stride_rows, pos_ptr, stride_pos, out_ptr, stride_out_b, part_acc_ptr, part_ml_ptr, count_ptr,
         freq_ptr, context, num_heads, qk_scale,
-        HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_S: tl.constexpr):
     """Program (split, h, b): attention of stream b's head h over cache indices [split * CHUNK, + CHUNK).
 
     qkv [B, 3 * num_heads * HEAD_DIM] (row stride stride_qkv_b); kv [S, 2, context, num_heads, HEAD_DIM]
@@ -68,7 +88,8 @@ def _self_attention_decode_kernel(
     freq [HEAD_DIM / 2] the RoPE frequencies (fp32).
     qk_scale = log2(e) / sqrt(HEAD_DIM): scores are kept in the log2 domain (exp2 softmax).
     SPLIT: write the partial (unnormalised acc [HEAD_DIM] to part_acc[(b, h, split)], max and sum to
-    part_ml[(b, h, split)]) for the combine kernel; else write out = acc / sum directly.
+    part_ml[(b, h, split)]); the last split of (b, h) to arrive at count[b * num_heads + h] merges them
+    (`_combine`, BLOCK_S >= splits). Else write out = acc / sum directly.
     """
     split = tl.program_id(0)
     h = tl.program_id(1)
@@ -124,36 +145,18 @@ def _self_attention_decode_kernel(
     l_sum = tl.sum(w * l_sum, axis=0)
     acc = tl.sum(w[:, None] * acc, axis=0)
     bh = b.to(tl.int64) * num_heads + h
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_out_b + h * HEAD_DIM + offs_d
     if SPLIT:
         part = bh * n_split + split
         tl.store(part_acc_ptr + part * HEAD_DIM + offs_d, acc)
         tl.store(part_ml_ptr + part * 2, m_max)
         tl.store(part_ml_ptr + part * 2 + 1, l_sum)
+        if last_arrival(count_ptr + bh, n_split):
+            out = _combine(part_acc_ptr, part_ml_ptr, bh * n_split, n_split, offs_d, BLOCK_S)
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
     else:
         out = acc / l_sum
-        tl.store(out_ptr + b.to(tl.int64) * stride_out_b + h * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_out_b, num_heads, n_split,
-                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (h, b): out[b, h] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp2(m_s - max_s m_s).
-
-    Split 0 always holds the new token, so max_s m_s is finite and the denominator positive; splits that
-    saw no key have m_s = -inf and weigh 0.
-    """
-    h = tl.program_id(0)
-    b = tl.program_id(1)
-    part0 = (b.to(tl.int64) * num_heads + h) * n_split
-    offs_s = tl.arange(0, BLOCK_S)
-    ok = offs_s < n_split
-    m = tl.load(part_ml_ptr + (part0 + offs_s) * 2, mask=ok, other=float("-inf"))
-    l_sum = tl.load(part_ml_ptr + (part0 + offs_s) * 2 + 1, mask=ok, other=0.0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(part_acc_ptr + (part0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, axis=0))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_sum, axis=0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_out_b + h * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
 # ---- launch configuration -------------------------------------------------------------------------
@@ -197,15 +200,24 @@ def _num_sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
+def _workspace_size(batch: int, num_heads: int, head_dim: int, n_split: int) -> int:
+    """fp32 elements of the split scratch: partial outputs [B, H, splits, D], partial (max, sum)
+    [B, H, splits, 2], then one int32 arrival counter per (stream, head)."""
+    return batch * num_heads * (n_split * (head_dim + 2) + 1)
+
+
 def self_attention_workspace(batch: int, num_heads: int, head_dim: int, context: int,
                              device: torch.device | str) -> torch.Tensor | None:
-    """The fp32 scratch `self_attention_decode` needs for this batch size (None when it needs none), to be
-    allocated once and passed as `workspace=`; one buffer serves every layer's call of a frame."""
+    """The scratch `self_attention_decode` needs for this batch size (None when it needs none), to be
+    allocated once and passed as `workspace=`; one buffer serves every layer's call of a frame (calls in
+    stream order). An fp32 tensor of zeros: its last batch * num_heads elements are int32 arrival
+    counters, which must start at zero and which every call leaves at zero."""
     device = torch.device(device)
     cfg = _launch_config(batch, num_heads, head_dim, context, _num_sms(device))
     if cfg["n_split"] == 1:
         return None
-    return torch.empty(batch * num_heads * cfg["n_split"] * (head_dim + 2), dtype=torch.float32, device=device)
+    return torch.zeros(_workspace_size(batch, num_heads, head_dim, cfg["n_split"]), dtype=torch.float32,
+                       device=device)
 
 
 # ---- public wrapper -------------------------------------------------------------------------------
@@ -248,8 +260,9 @@ def self_attention_decode(qkv: torch.Tensor, kv: torch.Tensor, rows: torch.Tenso
 
     qkv [B, 3 * H * D] fp32/bf16/fp16; kv [S, 2, context, H, D] one layer's cache, updated in place at
     index positions % context of each stream's slot; rows [B], positions [B] int32/int64 device tensors.
-    out defaults to qkv's dtype; workspace: fp32 scratch of at least `self_attention_workspace(...)`
-    elements (allocated here when None). One or two launches, no host sync.
+    out defaults to qkv's dtype; workspace: `self_attention_workspace(B, ...)` (when None, the partials
+    are allocated per call and the arrival counters come from a per-device buffer of zeros). One launch,
+    no host sync.
     """
     B, H, D, context = _check_inputs(qkv, kv, rows, positions, max_period)
     dev = kv.device
@@ -264,28 +277,29 @@ def self_attention_decode(qkv: torch.Tensor, kv: torch.Tensor, rows: torch.Tenso
         return out
     cfg = _launch_config(B, H, D, context, _num_sms(dev))
     n_split = cfg["n_split"]
-    part_acc = part_ml = out  # unused pointer slots when there is one split
+    part_acc = part_ml = counters = out  # unused pointer slots when there is one split
     if n_split > 1:
-        need = B * H * n_split * (D + 2)
+        n_acc, n_ml = B * H * n_split * D, B * H * n_split * 2
         if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=dev)
-        check_tensor(workspace, "workspace", 1, (torch.float32,), dev)
-        if workspace.numel() < need or not workspace.is_contiguous():
-            raise ValueError(f"workspace must be a contiguous fp32 tensor of at least {need} elements, got "
-                             f"{workspace.numel()} (see self_attention_workspace)")
-        part_acc = workspace[: B * H * n_split * D]
-        part_ml = workspace[B * H * n_split * D: need]
+            part_acc = torch.empty(n_acc, dtype=torch.float32, device=dev)
+            part_ml = torch.empty(n_ml, dtype=torch.float32, device=dev)
+            counters = shared_counters(dev, B * H)
+        else:
+            # exactly this batch's size: another batch's layout would put partials over these counters
+            need = _workspace_size(B, H, D, n_split)
+            check_tensor(workspace, "workspace", 1, (torch.float32,), dev)
+            if workspace.numel() != need or not workspace.is_contiguous():
+                raise ValueError(f"workspace must be a contiguous fp32 tensor of exactly {need} elements for "
+                                 f"{B} streams, got {workspace.numel()} (see self_attention_workspace)")
+            part_acc, part_ml = workspace[:n_acc], workspace[n_acc: n_acc + n_ml]
+            counters = workspace[n_acc + n_ml:].view(torch.int32)
     _self_attention_decode_kernel[(n_split, H, B)](
         qkv, qkv.stride(0), kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
-        rows, rows.stride(0), positions, positions.stride(0), out, out.stride(0), part_acc, part_ml,
+        rows, rows.stride(0), positions, positions.stride(0), out, out.stride(0), part_acc, part_ml, counters,
         _rope_frequencies(D, float(max_period), dev), context, H, _LOG2E / math.sqrt(D),
-        HEAD_DIM=D, CHUNK=cfg["CHUNK"], BLOCK_N=cfg["BLOCK_N"], SPLIT=n_split > 1,
+        HEAD_DIM=D, CHUNK=cfg["CHUNK"], BLOCK_N=cfg["BLOCK_N"], SPLIT=n_split > 1, BLOCK_S=next_pow2(n_split),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     record_launch("self_attention_decode")
-    if n_split > 1:
-        _combine_kernel[(H, B)](part_acc, part_ml, out, out.stride(0), H, n_split,
-                                HEAD_DIM=D, BLOCK_S=next_pow2(n_split), num_warps=4)
-        record_launch("self_attention_combine")
     return out
 
 
@@ -321,13 +335,14 @@ def self_attention_decode_reference(qkv: torch.Tensor, kv: torch.Tensor, rows: t
 # ---- static audit hook ----------------------------------------------------------------------------
 def audit_cases() -> list[dict]:
     """moshika-vis shapes in bf16 (context 3000, 32 heads, head_dim 128, 132 SMs): one stream (16
-    splits + combine) and 64 streams (one split, no combine)."""
+    splits, merged by the last) and 64 streams (one split)."""
     H, D, context = 32, 128, 3000
     strides = {"stride_qkv_b": 3 * H * D, "stride_kv_s": 2 * context * H * D, "stride_kv_t": context * H * D,
                "stride_kv_c": H * D, "stride_kv_h": D, "stride_rows": 1, "stride_pos": 1, "stride_out_b": H * D,
                "context": context, "num_heads": H}
     sig = {"qkv_ptr": "*bf16", "kv_ptr": "*bf16", "rows_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*bf16",
-           "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "freq_ptr": "*fp32", "qk_scale": "fp32"}
+           "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "count_ptr": "*i32", "freq_ptr": "*fp32",
+           "qk_scale": "fp32"}
     sig |= {name: "i32" for name in strides}
     cases = []
     for batch in (1, 64):
@@ -336,15 +351,7 @@ def audit_cases() -> list[dict]:
             "name": f"self_attention_decode_b{batch}_splits{cfg['n_split']}", "fn": _self_attention_decode_kernel,
             "signature": sig, "int_values": strides,
             "constexprs": {"HEAD_DIM": D, "CHUNK": cfg["CHUNK"], "BLOCK_N": cfg["BLOCK_N"],
-                           "SPLIT": cfg["n_split"] > 1},
+                           "SPLIT": cfg["n_split"] > 1, "BLOCK_S": next_pow2(cfg["n_split"])},
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
         })
-    n_split = _launch_config(1, H, D, context, _DEFAULT_SMS)["n_split"]
-    cases.append({
-        "name": f"self_attention_combine_splits{n_split}", "fn": _combine_kernel,
-        "signature": {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": "*bf16", "stride_out_b": "i32",
-                      "num_heads": "i32", "n_split": "i32"},
-        "int_values": {"stride_out_b": H * D, "num_heads": H, "n_split": n_split},
-        "constexprs": {"HEAD_DIM": D, "BLOCK_S": next_pow2(n_split)}, "num_warps": 4, "num_stages": 1,
-    })
     return cases

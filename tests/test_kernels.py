@@ -51,9 +51,9 @@ mod = importlib.import_module("moshivis_kernels.linear")  # the module: the pack
 FP32_TOL_temporal = {"atol": 1e-4, "rtol": 1e-4}
 NAN = float("nan")
 
-# (heads, head_dim, context, launches of the combine kernel): one split; two splits, the second one
-# partial; ten splits, most of them empty while the window fills.
-SA_SHAPES = [(2, 16, 37, 0), (2, 128, 37, 1), (1, 128, 300, 1)]
+# (heads, head_dim, context, several splits): one split; two splits, the second one partial; ten splits,
+# most of them empty while the window fills (the last split to finish merges them, in the same launch).
+SA_SHAPES = [(2, 16, 37, False), (2, 128, 37, True), (1, 128, 300, True)]
 
 
 def _positions(scenario: str, B: int, ctx: int, gen: torch.Generator) -> torch.Tensor:
@@ -81,8 +81,8 @@ def _written(kv_shape, rows, positions) -> torch.Tensor:
 
 # ---- self-attention decode ----------------------------------------------------------------------
 @pytest.mark.parametrize("scenario", ["filling", "wrap", "far", "mixed"])
-@pytest.mark.parametrize("H, D, ctx, combines", SA_SHAPES)
-def test_self_attention_decode_matches_reference(gen, H, D, ctx, combines, scenario):
+@pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
+def test_self_attention_decode_matches_reference(gen, H, D, ctx, splits, scenario):
     B = int(torch.randint(1, 10, (1,), generator=gen))
     S = 2 * B + 3
     # layer 1 of a two-layer cache filled with "history"; streams in scattered slots
@@ -99,7 +99,8 @@ def test_self_attention_decode_matches_reference(gen, H, D, ctx, combines, scena
     with count_launches() as launches:
         got = self_attention_decode(qkv, kv, rows, positions, out=out)
     assert got is out
-    assert launches == {"self_attention_decode": 1, **({"self_attention_combine": 1} if combines else {})}
+    assert launches == {"self_attention_decode": 1}
+    assert (self_attention_workspace(B, H, D, ctx, "cpu") is not None) == splits
     torch.testing.assert_close(got, want, **FP32_TOL_temporal)
 
     written = _written(kv.shape, rows, positions)
@@ -124,6 +125,7 @@ def test_self_attention_decode_streaming_matches_model_reference(gen):
     kv_kernel, kv_mine = kv_model.clone(), kv_model.clone()
     workspace = self_attention_workspace(3, H, D, ctx, "cpu")
     assert workspace is not None
+    partials, counters = workspace[: -3 * H], workspace[-3 * H:].view(torch.int32)  # see self_attention_workspace
 
     for _ in range(9):
         x = torch.randn(3, dim, generator=gen)
@@ -133,9 +135,10 @@ def test_self_attention_decode_streaming_matches_model_reference(gen):
         mine = project(self_attention_decode_reference(qkv, kv_mine, rows, positions, max_period=cfg.max_period))
         torch.testing.assert_close(mine, want, atol=1e-6, rtol=1e-6)
         assert torch.equal(kv_mine, kv_model)
-        workspace.fill_(NAN)
+        partials.fill_(NAN)
         got = project(self_attention_decode(qkv, kv_kernel, rows, positions, max_period=cfg.max_period,
                                             workspace=workspace))
+        assert not counters.any()  # the merging split reset them
         torch.testing.assert_close(got, want, **FP32_TOL_temporal)
         torch.testing.assert_close(kv_kernel, kv_model, **FP32_TOL_temporal)
         positions = positions + 1
@@ -155,6 +158,25 @@ def test_self_attention_decode_small_context_and_other_max_period(gen, ctx, max_
     torch.testing.assert_close(kv, kv_ref, **FP32_TOL_temporal)
     if ctx == 1:  # softmax over one key: the new v itself
         torch.testing.assert_close(got, qkv[:, 2 * H * D:], **FP32_TOL_temporal)
+
+
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_self_attention_decode_counters_reset(gen, with_workspace):
+    """Two identical calls (the second re-appends the same k, v) give the same bits, with one workspace
+    or with the shared per-device counters, and leave every arrival counter at zero."""
+    from moshivis_kernels._arrival import shared_counters
+    H, D, ctx, B = 2, 128, 300, 3  # ten splits
+    kv = torch.randn(4, 2, ctx, H, D, generator=gen)
+    qkv = torch.randn(B, 3 * H * D, generator=gen)
+    rows, positions = torch.tensor([3, 0, 2]), torch.tensor([7, 2 * ctx + 5, 150])
+    ws = self_attention_workspace(B, H, D, ctx, "cpu") if with_workspace else None
+    first = self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=torch.full((B, H * D), NAN))
+    second = self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=torch.full((B, H * D), NAN))
+    assert torch.equal(first, second)
+    counters = ws[-B * H:].view(torch.int32) if with_workspace else shared_counters("cpu", B * H)
+    assert not counters.any()
+    torch.testing.assert_close(first, self_attention_decode_reference(qkv, kv.clone(), rows, positions),
+                               **FP32_TOL_temporal)
 
 
 def test_self_attention_decode_empty_batch(gen):
@@ -192,12 +214,40 @@ def _sa_inputs(H=2, D=16, ctx=5, B=3, S=4):
                         workspace=torch.empty(10)), "workspace"),
     (lambda a: a.update(kv=torch.randn(4, 2, 40, 2, 128), qkv=torch.randn(3, 768),
                         workspace=torch.empty(10**6, dtype=torch.float64)), "workspace"),
+    (lambda a: a.update(kv=torch.randn(4, 2, 40, 2, 128), qkv=torch.randn(3, 768),  # made for another batch
+                        workspace=self_attention_workspace(4, 2, 128, 40, "cpu")), "workspace"),
 ])
 def test_self_attention_decode_rejects_bad_inputs(change, name):
     args = _sa_inputs()
     change(args)
     with pytest.raises((ValueError, TypeError), match=name):
         self_attention_decode(args.pop("qkv"), args.pop("kv"), args.pop("rows"), args.pop("positions"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (only there does the last split vary)")
+def test_self_attention_decode_repeatable_and_graph_replays_gpu():
+    """Real sizes, one stream (16 splits): which split merges varies between runs on a GPU, the bits do
+    not; a CUDA graph of the call replays to the same bits (the counters are back at zero each time)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, ctx = 32, 128, 3000
+    kv = torch.randn(2, 2, ctx, H, D, device="cuda", generator=g).bfloat16()
+    qkv = torch.randn(1, 3 * H * D, device="cuda", generator=g).bfloat16()
+    rows, positions = torch.tensor([1], device="cuda"), torch.tensor([5 * ctx + 7], device="cuda")
+    ws = self_attention_workspace(1, H, D, ctx, "cuda")
+    assert ws is not None
+    out = torch.empty(1, H * D, device="cuda", dtype=torch.bfloat16)
+    first = self_attention_decode(qkv, kv, rows, positions, workspace=ws).clone()  # re-appends the same k, v
+    for _ in range(20):
+        assert torch.equal(self_attention_decode(qkv, kv, rows, positions, workspace=ws), first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert not ws[-H:].view(torch.int32).any()
 
 
 # ---- input embedding ----------------------------------------------------------------------------
@@ -484,10 +534,47 @@ def test_reference_dequantizes_like_bitsandbytes():
     (16, "var", {"linear.norm_stats": 1, "linear.mm": 1}),
 ])
 def test_linear_launch_counts(M, norm, kernels, split):
+    """Split-K or not, one launch (plus the statistics launch on the tl.dot path with a norm): the last
+    program of each output tile reduces it."""
     args = _problem_linear(0, M, 200, 77, norm=norm)
     with count_launches() as launches:
         linear(**args)
-    assert launches == {**kernels, **({"linear.splitk_reduce": 1} if split else {})}
+    assert launches == kernels
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("variant", ["gate_bias_residual", "residual"])
+def test_split_k_workspace_and_counter_reset(M, variant, split):
+    """Two calls with one workspace give the same bits as a call without (its partials NaN-filled in
+    between, so stale partials would show), and leave every arrival counter at zero; so do the shared
+    per-device counters."""
+    from moshivis_kernels._arrival import shared_counters
+    args = _problem_linear(40 + M, M, 1000, 45, variant=variant, norm="rms")
+    ws = mod.linear_workspace(args["x"], args["weight"], epilogue=args["epilogue"])
+    assert (ws is not None) == split
+    N = 45
+    plain = linear(**args, out=_nan_out(M, N))
+    results = []
+    for _ in range(2):
+        if ws is not None:
+            ws.partials.fill_(float("nan"))
+        results.append(linear(**args, out=_nan_out(M, N), workspace=ws))
+        if ws is not None:
+            assert ws.counters.numel() > 0 and not ws.counters.any()
+    assert torch.equal(results[0], plain) and torch.equal(results[1], plain)
+    assert not shared_counters("cpu", SPLIT_SMS[True]).any()  # a split call uses fewer than num_sms tiles
+    torch.testing.assert_close(plain, linear_reference(**args), **FP32_TOL_linear)
+
+
+def test_one_workspace_serves_several_shapes(split):
+    """A workspace made for the largest call serves smaller ones: the counters sit at fixed places."""
+    big = _problem_linear(1, 2, 1000, 45, variant="gate_bias_residual")
+    ws = mod.linear_workspace(big["x"], big["weight"], epilogue=big["epilogue"])
+    for args in (big, _problem_linear(2, 1, 700, 30, weight="fp32"), big, _problem_linear(3, 2, 300, 20)):
+        M, N = args["x"].shape[0], args["weight"].shape[0] // (2 if args["epilogue"] == "silu_gate" else 1)
+        got = linear(**args, out=_nan_out(M, N), workspace=ws)
+        torch.testing.assert_close(got, linear_reference(**args), **FP32_TOL_linear)
+    assert ws is None or not ws.counters.any()
 
 
 @pytest.mark.parametrize("weight", WEIGHTS)
@@ -569,6 +656,20 @@ def test_linear_bad_inputs_name_the_argument(change, match):
     kwargs = {**_inputs(), **change}
     with pytest.raises((ValueError, TypeError), match=match):
         linear(**kwargs)
+
+
+def test_linear_bad_workspace(monkeypatch):
+    monkeypatch.setattr(mod, "_num_sms", lambda index: SPLIT_SMS[True])
+    args = _problem_linear(0, 1, 1000, 45)
+    ws = mod.linear_workspace(args["x"], args["weight"])
+    with pytest.raises(TypeError, match="workspace must be a LinearWorkspace"):
+        linear(**args, workspace=torch.zeros(10**5))
+    with pytest.raises(ValueError, match="workspace.partials must be contiguous with at least"):
+        linear(**args, workspace=mod.LinearWorkspace(ws.partials[:-1], ws.counters))
+    with pytest.raises(ValueError, match="workspace.counters must have dtype"):
+        linear(**args, workspace=mod.LinearWorkspace(ws.partials, ws.counters.float()))
+    with pytest.raises(ValueError, match="workspace.counters must be contiguous with at least"):
+        linear(**args, workspace=mod.LinearWorkspace(ws.partials, ws.counters[:0]))
 
 
 def test_out_must_not_overlap_inputs():
@@ -661,6 +762,36 @@ def test_bf16_real_shapes_gpu(weight, M, K, n_w, norm, epilogue, residual):
     y = linear(x, w, scale, **args, out=out)
     ref = linear_reference(x, w, scale, **args)
     torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (only there does the last program vary)")
+@pytest.mark.parametrize("M", [1, 16])
+def test_split_k_repeatable_and_graph_replays_gpu(M):
+    """ffn linear_out at real size (split-K): which program reduces a tile varies between runs on a GPU,
+    the bits do not; a CUDA graph of the call replays to the same bits (counters back at zero each time)."""
+    g = torch.Generator(device="cuda").manual_seed(M)
+    K, N = 11264, 4096
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w, scale = quantize_rowwise(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5)
+    r = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    ws = mod.linear_workspace(x, w)
+    if ws is None:
+        pytest.skip("this GPU does not split K at this shape")
+    first = linear(x, w, scale, residual=r, workspace=ws)
+    torch.testing.assert_close(first.float(), linear_reference(x, w, scale, residual=r).float(), **BF16_TOL)
+    for _ in range(20):
+        assert torch.equal(linear(x, w, scale, residual=r, workspace=ws), first)
+        assert torch.equal(linear(x, w, scale, residual=r), first)  # shared counters, partials per call
+    out = torch.empty_like(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        linear(x, w, scale, residual=r, out=out, workspace=ws)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert not ws.counters.any()
 
 # ==================================================================================================
 # Gated cross-attention over the image KV pool
@@ -789,17 +920,39 @@ def test_block_matches_model_reference(gen):
 
 
 def test_block_launches_and_workspace(gen):
-    """Six launches; a workspace sized for more rows serves a smaller batch and gives the same result."""
+    """Five launches; a workspace sized for more rows serves a smaller batch and gives the same result."""
     p = _problem_xattn(gen, 5, N=37)
     dim, G = p["x"].shape[1], p["gate_w0"].shape[0]
     ws = xa.cross_attention_workspace(12, dim, 2, 37, G, torch.float32, "cpu")
-    for t in vars(ws).values():
-        t.fill_(float("nan"))
+    assert ws.counters.shape == (12, 2) and not ws.counters.any()
+    for name, t in vars(ws).items():
+        if name != "counters":
+            t.fill_(float("nan"))
     gate_mean = _nan(5)
     with count_launches() as launches:
         out = xa.gated_cross_attention(**p, out=_nan(5, dim), gate_mean=gate_mean, workspace=ws)
-    assert sum(launches.values()) == 6
+    assert launches == {"xattn_rows_linear": 3, "xattn_attention": 1, "xattn_gate_residual": 1}
     _check_block(p, out, gate_mean)
+    assert not ws.counters.any()
+
+
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_counters_reset(gen, with_workspace, sms):
+    """The attention's last split resets its arrival counter: two calls with one workspace (or the shared
+    per-device counters) give the same bits, and every counter is zero afterwards."""
+    from moshivis_kernels._arrival import shared_counters
+    B = 20  # two chunks of rows on slot 0 (16 per chunk), rows without an image
+    slots = torch.zeros(B, dtype=torch.int32)
+    slots[[3, 11]] = -1
+    slots[5] = 2
+    p = _problem_xattn(gen, B, N=100, slots=slots)
+    dim, G = p["x"].shape[1], p["gate_w0"].shape[0]
+    ws = xa.cross_attention_workspace(B, dim, 2, 100, G, torch.float32, "cpu") if with_workspace else None
+    first, second = (xa.gated_cross_attention(**p, out=_nan(B, dim), workspace=ws) for _ in range(2))
+    assert torch.equal(first, second)
+    counters = ws.counters if with_workspace else shared_counters("cpu", B * 2)
+    assert not counters.any()
+    torch.testing.assert_close(first, xa.gated_cross_attention_reference(**p)[0], **TOL)
 
 
 def test_wq_row_stride_view(gen):
@@ -829,7 +982,9 @@ def test_image_attention(gen, N, sms):
     B = int(torch.randint(1, 10, (1,), generator=gen))
     p = _problem_xattn(gen, B, N=N, H=2, D=32)
     q = torch.randn(B, 2, 32, generator=gen)
-    attn = xa.image_attention(q, p["image_kv"], p["slots"], out=_nan(B, 2, 32))
+    with count_launches() as launches:
+        attn = xa.image_attention(q, p["image_kv"], p["slots"], out=_nan(B, 2, 32))
+    assert launches == {"xattn_attention": 1}
     torch.testing.assert_close(attn, xa.image_attention_reference(q, p["image_kv"], p["slots"]), **TOL)
     assert torch.all(attn[p["slots"] < 0] == 0)
 
@@ -877,7 +1032,7 @@ def test_real_shape_configs_fill_the_gpu():
 
 
 def test_audit_cases_describe_every_kernel():
-    kernels = {xa._rows_linear_kernel, xa._attn_split_kernel, xa._attn_combine_kernel, xa._gate_residual_kernel}
+    kernels = {xa._rows_linear_kernel, xa._attention_kernel, xa._gate_residual_kernel}
     cases = xa.audit_cases()
     assert {c["fn"] for c in cases} == kernels
     for c in cases:
@@ -967,6 +1122,28 @@ def test_no_host_sync_gpu(gen):
         xa.gated_cross_attention(**p, out=p["x"], gate_mean=gate_mean, workspace=ws)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu_xattn
+@pytest.mark.parametrize("B", [1, 8])
+def test_repeatable_and_graph_replays_gpu(gen, B):
+    """Real sizes: which split merges varies between runs on a GPU, the bits do not; a CUDA graph of the
+    block replays to the same bits (the counters are back at zero each time)."""
+    p = _problem_xattn(gen, B, H=32, D=128, N=1024, S=4, G=512, dtype=torch.bfloat16, device="cuda")
+    ws = xa.cross_attention_workspace(B, 4096, 32, 1024, 512, torch.bfloat16, "cuda")
+    first = xa.gated_cross_attention(**p, workspace=ws)
+    for _ in range(20):
+        assert torch.equal(xa.gated_cross_attention(**p, workspace=ws), first)
+    out = torch.empty_like(first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xa.gated_cross_attention(**p, out=out, workspace=ws)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert not ws.counters.any()
 
 # ==================================================================================================
 # Sampling: greedy, temperature + top-k, Philox race
