@@ -68,6 +68,13 @@ def write_json(path: str | Path | None, benchmark: str, env: dict, results: list
             json.dump(document(benchmark, env, results, **extra), f, indent=1)
 
 
+def add_common_args(ap) -> None:
+    """--threads, --seed and --json: the arguments every benchmark command takes."""
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results here as JSON")
+
+
 def set_threads(threads: int | None) -> None:
     """CPU threads for torch (None: its default). One thread keeps CPU timings steady on a shared
     machine, where idle OpenMP threads spinning against other processes can cost 10-100x."""

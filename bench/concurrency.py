@@ -25,8 +25,8 @@ import torch
 
 from moshivis import preset
 
-from .common import (DEVICE_MODELS, FRAME_BUDGET_MS, GIB, copy_bandwidth, environment, frame_bytes,
-                     model_weight_bytes, set_threads, stream_bytes, table, write_json)
+from .common import (DEVICE_MODELS, FRAME_BUDGET_MS, GIB, add_common_args, copy_bandwidth, environment,
+                     frame_bytes, model_weight_bytes, set_threads, stream_bytes, table, write_json)
 from .frame_latency import DTYPES, model_weights, run_config
 
 GPU_STREAMS = [1, 8, 16, 24, 32, 40, 48, 64, 96, 128]
@@ -184,9 +184,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reserve-gb", type=float, default=3.0,
                     help="GiB kept free for activations and allocator slack when counting streams that fit")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results here as JSON")
+    add_common_args(ap)
     return ap
 
 

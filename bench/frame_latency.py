@@ -24,8 +24,8 @@ import torch
 from moshivis import Engine, preset, random_init
 from moshivis.profiling import PhaseTimer
 
-from .common import (FRAME_BUDGET_MS, copy_bandwidth, count_launches, environment, frame_bytes, percentile,
-                     set_threads, sync, table, write_json)
+from .common import (FRAME_BUDGET_MS, add_common_args, copy_bandwidth, count_launches, environment, frame_bytes,
+                     percentile, set_threads, sync, table, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PHASES = ("temporal", "cross_attention", "depformer", "sampling")
@@ -161,9 +161,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results here as JSON")
+    add_common_args(ap)
     return ap
 
 

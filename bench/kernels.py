@@ -45,7 +45,7 @@ from moshivis import preset
 from moshivis import reference as R
 from moshivis.checkpoint import XA, expected_shapes
 
-from .common import copy_bandwidth, environment, set_threads, table, time_cpu, write_json
+from .common import add_common_args, copy_bandwidth, environment, set_threads, table, time_cpu, write_json
 
 SECTIONS = ("xattn", "self_attention", "embedding", "sampling", "depformer", "linear")
 SWEEPS = {
@@ -522,9 +522,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new measurements after this many seconds (the rest: 'skipped')")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results here as JSON")
+    add_common_args(ap)
     return ap
 
 

@@ -131,6 +131,24 @@ def _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE: tl
 
 
 @triton.jit
+def _finish_tile(acc_a, acc_b, offs_m, offs_n, M, N, counter_ptr, part_ptr, stride_pk, stride_pm, scale_ptr,
+                 bias_ptr, res_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+                 HAS_SCALE: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """The tile's epilogue: at once, or with split-K by the last split to arrive at the tile's counter,
+    once it has summed every split's partials."""
+    if SPLIT:
+        _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stride_pm, GATE)
+        if last_arrival(counter_ptr, tl.num_programs(2)):
+            acc_a, acc_b = _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE)
+            _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
 def _to_f32(w):
     """Weight tile to fp32. Int8 goes through an integer add and an fp32 subtract instead of an I2F
     conversion (a fraction of the ALU throughput, enough to cap a GEMV near DRAM speed): the bits of
@@ -194,15 +212,9 @@ def _gemv_kernel(
                 acc_b += tl.where(row, tl.sum(w_b * x, axis=1)[:, None], 0.0)
     acc_a = tl.trans(acc_a)
     acc_b = tl.trans(acc_b)
-    if SPLIT:
-        _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stride_pm, GATE)
-        if last_arrival(count_ptr + pid_n, tl.num_programs(2)):
-            acc_a, acc_b = _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE)
-            _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
-    else:
-        _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
+    _finish_tile(acc_a, acc_b, offs_m, offs_n, M, N, count_ptr + pid_n, part_ptr, stride_pk, stride_pm,
+                 scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+                 HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL, SPLIT)
 
 
 @triton.jit
@@ -261,15 +273,10 @@ def _mm_kernel(
         if GATE:
             w = tl.load(w_ptrs + N * stride_wn + k, mask=mask_k[:, None] & mask_n, other=0)
             acc_b = _dot(x, w, acc_b, DOT_FP32)
-    if SPLIT:
-        _store_partial(acc_a, acc_b, offs_m, offs_n, M, N, part_ptr, stride_pk, stride_pm, GATE)
-        if last_arrival(count_ptr + pid_m * tl.num_programs(0) + pid_n, tl.num_programs(2)):
-            acc_a, acc_b = _sum_partials(part_ptr, offs_m, offs_n, M, N, stride_pk, stride_pm, GATE)
-            _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
-    else:
-        _epilogue(acc_a, acc_b, offs_m, offs_n, M, N, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_rn, stride_om, stride_on, HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL)
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _finish_tile(acc_a, acc_b, offs_m, offs_n, M, N, count_ptr + tile, part_ptr, stride_pk, stride_pm,
+                 scale_ptr, bias_ptr, res_ptr, out_ptr, stride_rm, stride_rn, stride_om, stride_on,
+                 HAS_SCALE, GATE, HAS_BIAS, HAS_RESIDUAL, SPLIT)
 
 
 @triton.jit

@@ -42,6 +42,16 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
 
 
+async def expect_errors(client, cases):
+    """Send each (message, code, pattern): the server answers with that non-fatal error."""
+    for data, code, pattern in cases:
+        await client.ws.send(data)
+        msg = await client.recv()
+        assert msg.type == "error", msg.header
+        assert msg.header["code"] == code and re.search(pattern, msg.header["message"]), msg.header
+        assert msg.header["fatal"] is False
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: the engine thread and the event loop share 2 cores."""
@@ -320,14 +330,6 @@ def test_bad_messages_get_an_error_for_that_client_only(cfg, weights, gen):
         (P.image_message(image[:, :3]), "bad_image", rf"shape \[{n}, {c}\]"),
         (P.image_message(nan_image), "bad_image", "NaN"),
     ]
-
-    async def expect_errors(client, cases):
-        for data, code, pattern in cases:
-            await client.ws.send(data)
-            msg = await client.recv()
-            assert msg.type == "error", msg.header
-            assert msg.header["code"] == code and re.search(pattern, msg.header["message"]), msg.header
-            assert msg.header["fatal"] is False
 
     async def scenario():
         async with serving(engine) as server:
@@ -809,14 +811,6 @@ def test_bad_image_files_and_pcm_frames_get_errors_for_that_client_only(chat_fil
         (P.image_message(None, image_file=truncated), "bad_image", "image: image file is corrupt or truncated"),
         (P.open_message(), "out_of_order", "already opened"),
     ]
-
-    async def expect_errors(client, cases):
-        for data, code, pattern in cases:
-            await client.ws.send(data)
-            msg = await client.recv()
-            assert msg.type == "error", msg.header
-            assert msg.header["code"] == code and re.search(pattern, msg.header["message"]), msg.header
-            assert msg.header["fatal"] is False
 
     async def scenario():
         async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"]) as server:
