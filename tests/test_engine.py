@@ -169,3 +169,28 @@ def test_sampling_params_validation(engine):
         SamplingParams(top_k_audio=2.5)
     with pytest.raises(ValueError, match="temperature_audio"):
         SamplingParams(temperature_audio=float("nan"))
+
+
+def test_triton_frame_launches_at_real_layer_counts():
+    """Issue [temporal]'s launch budget, counted at tiny widths with the real layer counts (32 temporal,
+    6 depformer layers, 8 codebooks): at most 400 Triton launches per frame, few PyTorch ops beside."""
+    import dataclasses
+
+    from bench.common import count_launches
+    from moshivis import preset, random_init
+    from moshivis_kernels import count_launches as count_triton
+
+    cfg = dataclasses.replace(preset("tiny"), num_layers=32, depformer_num_layers=6)
+    engine = Engine(cfg, random_init(cfg), max_streams=2, backend="triton")
+    gen = torch.Generator().manual_seed(5)
+    ids = [engine.open_stream(seed=1, image=torch.randn(cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)),
+           engine.open_stream(seed=2)]
+    user = torch.randint(0, cfg.audio_card, (2, cfg.num_audio_in), generator=gen)
+    engine.step(user, ids)  # warm-up: workspaces and tables are made on first use
+    with count_triton() as per_kernel:
+        counts = count_launches(lambda: engine.step(user, ids))
+    print(counts, per_kernel)
+    assert counts["triton"] <= 400, per_kernel
+    assert per_kernel["self_attention_decode"] == cfg.num_layers
+    assert per_kernel["depformer_step"] == cfg.dep_q and per_kernel["sample_tokens"] == 1 + cfg.dep_q
+    assert counts["torch_ops"] <= 64, counts  # bookkeeping only: gathers, the token buffer
