@@ -56,7 +56,7 @@ EPS = 1e-8
 # ---- device helpers ------------------------------------------------------------------------------
 @triton.jit
 def _grid_barrier(sync_ptr, nprog):
-    """Sense-reversing barrier over the whole grid: sync[0] counts arrivals, sync[1] is the generation.
+    """Generation-counter barrier over the whole grid: sync[0] counts arrivals, sync[1] is the generation.
 
     The last program to arrive resets the count, then bumps the generation (release); the others spin
     until they see it change (acquire). It leaves sync[0] == 0, so the buffer stays valid across launches
