@@ -9,6 +9,10 @@ For B streams, each with a slot into the static pool `image_kv [S, N, 2, H, D]` 
     g    = sigmoid(relu(a @ W0^T) @ W2^T - 4)
     out  = x + a * g    (rows with slot -1: out = x exactly)
 
+Each weight is dense (x's dtype) or bitsandbytes' row-wise INT8: CB int8 [N, K] with SCB fp32 [N],
+W = CB * SCB / 127. INT8 tiles are converted in registers (to fp32, or to x's dtype for tl.dot; both
+exact) and the row scale is applied to the fp32 dot products in the epilogue (`HAS_SCALE`).
+
 Five launches, in three public pieces (each with a `*_reference`):
   `norm_q_projection`  norm fused into the Q projection (one launch);
   `image_attention`    split-key attention; the last split of each (row chunk, head) to finish merges
@@ -56,7 +60,8 @@ def _rows_times_wt(x_ptr, stride_xb, rows, rows_ok, w_ptr, stride_wn, cols, cols
     is loaded once for all BLOCK_B rows. GEMV (small tiles): [rows, 1, K] x [1, cols, K] products
     accumulated elementwise and reduced once at the end, loaded as 3-D tiles so the weights stay in
     their 16-byte load layout (no per-step layout change or cross-thread reduction). Tiles of 16 rows
-    or more use tl.dot. Rows and columns outside the masks contribute zeros.
+    or more use tl.dot. Rows and columns outside the masks contribute zeros. int8 weights are
+    converted to fp32 (GEMV) or to x's dtype (tl.dot), exact for |v| <= 127; unscaled.
     """
     if USE_DOT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
@@ -70,7 +75,7 @@ def _rows_times_wt(x_ptr, stride_xb, rows, rows_ok, w_ptr, stride_wn, cols, cols
                 xs = (xs.to(tl.float32) * alpha[None, :] * rstd[:, None]).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
                         mask=cols_ok[:, None] & ks_ok[None, :], other=0.0)
-            acc = tl.dot(xs, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(xs, tl.trans(w.to(xs.dtype)), acc, input_precision=DOT_PRECISION)
     else:
         acc3 = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -89,14 +94,23 @@ def _rows_times_wt(x_ptr, stride_xb, rows, rows_ok, w_ptr, stride_wn, cols, cols
 
 
 @triton.jit
-def _rows_linear_kernel(x_ptr, alpha_ptr, w_ptr, out_ptr, slots_ptr, gate_mean_ptr,
+def _scaled(acc, scale_ptr, cols, cols_ok, HAS_SCALE: tl.constexpr):
+    """acc * SCB[n] / 127 per output column n for int8 weights (HAS_SCALE), else acc."""
+    if HAS_SCALE:
+        acc = acc * (tl.load(scale_ptr + cols, mask=cols_ok, other=0.0) / 127.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _rows_linear_kernel(x_ptr, alpha_ptr, w_ptr, scale_ptr, out_ptr, slots_ptr, gate_mean_ptr,
                         B, N, K, stride_xb, stride_wn, stride_ob, eps,
-                        NORM: tl.constexpr, RELU: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                        NORM: tl.constexpr, RELU: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_SCALE: tl.constexpr,
                         ZERO_GATE_MEAN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[b, n] = act(xs[b] . W[n]) for x [B, K], W [N, K] (row stride stride_wn), out [B, N].
 
     xs = rms_norm(x) * alpha with NORM (eps, fp32, rounded to x's dtype), else x; act = relu with RELU.
+    W dense (x's dtype), or int8 with HAS_SCALE and scale [N] fp32 (W = CB * scale / 127).
     With HAS_SLOTS, rows whose slot is < 0 are not computed and get zeros. ZERO_GATE_MEAN: the
     programs of column tile 0 zero gate_mean [B] (the gate kernel, launched later, adds into it).
     Grid (cdiv(N, BLOCK_N), cdiv(B, BLOCK_B)).
@@ -125,6 +139,7 @@ def _rows_linear_kernel(x_ptr, alpha_ptr, w_ptr, out_ptr, slots_ptr, gate_mean_p
             rstd = tl.rsqrt(ss / K + eps)
         acc = _rows_times_wt(x_ptr, stride_xb, rows, rows_ok, w_ptr, stride_wn, cols, cols_ok, K,
                              alpha_ptr, rstd, NORM, BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, DOT_PRECISION)
+        acc = _scaled(acc, scale_ptr, cols, cols_ok, HAS_SCALE)
     if RELU:
         acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -230,15 +245,17 @@ def _attention_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr, count_ptr, o
 
 
 @triton.jit
-def _gate_residual_kernel(h_ptr, w2_ptr, a_ptr, x_ptr, slots_ptr, out_ptr, gate_mean_ptr,
+def _gate_residual_kernel(h_ptr, w2_ptr, scale_ptr, a_ptr, x_ptr, slots_ptr, out_ptr, gate_mean_ptr,
                           B, N, G, stride_hb, stride_wn, stride_ab, stride_xb, stride_ob,
-                          HAS_GATE_MEAN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          HAS_GATE_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
     """out = x + a * sigmoid(h @ W2^T - 4) for rows with slot >= 0, out = x (bit for bit) otherwise.
 
-    h [B, G], W2 [N, G], a, x, out [B, N] (out may be x: each element is read, then written, by the
-    same program). With HAS_GATE_MEAN, gate_mean[b] += sum over this tile's columns of g / N (zeroed
-    by the out-projection launch). Grid (cdiv(N, BLOCK_N), cdiv(B, BLOCK_B)).
+    h [B, G], W2 [N, G] (dense, or int8 with HAS_SCALE and scale [N] fp32), a, x, out [B, N] (out may
+    be x: each element is read, then written, by the same program). With HAS_GATE_MEAN, gate_mean[b]
+    += sum over this tile's columns of g / N (zeroed by the out-projection launch).
+    Grid (cdiv(N, BLOCK_N), cdiv(B, BLOCK_B)).
     """
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     rows_in = rows < B
@@ -250,6 +267,7 @@ def _gate_residual_kernel(h_ptr, w2_ptr, a_ptr, x_ptr, slots_ptr, out_ptr, gate_
     if tl.sum(rows_ok.to(tl.int32), 0) > 0:
         z = _rows_times_wt(h_ptr, stride_hb, rows, rows_ok, w2_ptr, stride_wn, cols, cols_ok, G,
                            h_ptr, z, False, BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, DOT_PRECISION)  # no norm
+        z = _scaled(z, scale_ptr, cols, cols_ok, HAS_SCALE)
     dt = x_ptr.dtype.element_ty
     tile = rows_in[:, None] & cols_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :], mask=tile, other=0.0)
@@ -408,13 +426,26 @@ def _check_image_kv(image_kv, H: int, D: int, dtype: torch.dtype, device) -> Non
         raise ValueError(f"image_kv head_dim must be a power of two >= 16, got {D}")
 
 
-def _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean) -> None:
+def _check_weight(w, name: str, shape: tuple, scale, x) -> None:
+    """A weight of `shape` in x's dtype with scale None, or int8 with its row scales `<name>_scale`
+    (fp32 [shape[0]], contiguous)."""
+    check_tensor(w, name, len(shape), (x.dtype, torch.int8), x.device)
+    _check_rows(w, name, shape, w.dtype, x.device)
+    if w.dtype == torch.int8:
+        if scale is None:
+            raise ValueError(f"int8 {name} needs {name}_scale, its fp32 [{shape[0]}] row scales (bitsandbytes' SCB)")
+        _check_rows(scale, f"{name}_scale", shape[:1], torch.float32, x.device)
+    elif scale is not None:
+        raise ValueError(f"{name}_scale is only for an int8 {name}, got a {w.dtype} {name}")
+
+
+def _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean, wo_scale, gate_w0_scale, gate_w2_scale) -> None:
     B, dim = x.shape
-    _check_rows(wo, "wo", (dim, dim), x.dtype, x.device)
-    check_tensor(gate_w0, "gate_w0", 2, (x.dtype,), x.device)
+    _check_weight(wo, "wo", (dim, dim), wo_scale, x)
+    check_tensor(gate_w0, "gate_w0", 2, (x.dtype, torch.int8), x.device)
     G = gate_w0.shape[0]
-    _check_rows(gate_w0, "gate_w0", (G, dim), x.dtype, x.device)
-    _check_rows(gate_w2, "gate_w2", (dim, G), x.dtype, x.device)
+    _check_weight(gate_w0, "gate_w0", (G, dim), gate_w0_scale, x)
+    _check_weight(gate_w2, "gate_w2", (dim, G), gate_w2_scale, x)
     if out is not None:
         _check_rows(out, "out", (B, dim), x.dtype, x.device)
         same_view = out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
@@ -426,41 +457,48 @@ def _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean) -> None:
 
 # ---- piece 1: norm + shared Q projection ---------------------------------------------------------
 def norm_q_projection(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.Tensor, *, eps: float = 1e-8,
-                      slots: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      slots: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      wq_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q = (rms_norm(x) * alpha) @ Wq^T: x [B, dim], norm_alpha (dim values), wq [dim, dim] (any row
-    stride, e.g. the first rows of in_proj_weight) -> q [B, dim] in x's dtype. With slots [B], rows
-    whose slot is < 0 are not computed and get zeros. One launch."""
+    stride, e.g. the first rows of in_proj_weight; int8 with wq_scale fp32 [dim]) -> q [B, dim] in x's
+    dtype. With slots [B], rows whose slot is < 0 are not computed and get zeros. One launch."""
     B, dim = _check_x(x)
     _check_alpha(norm_alpha, dim, x.device)
-    _check_rows(wq, "wq", (dim, dim), x.dtype, x.device)
+    _check_weight(wq, "wq", (dim, dim), wq_scale, x)
     if slots is not None:
         _check_slots(slots, B, x.device)
     if out is None:
         out = torch.empty_like(x)
     else:
         _check_rows(out, "out", (B, dim), x.dtype, x.device)
-    _rows_linear(x, norm_alpha.reshape(-1), wq, out, slots, None, eps=eps, norm=True, relu=False)
+    _rows_linear(x, norm_alpha.reshape(-1), wq, wq_scale, out, slots, None, eps=eps, norm=True, relu=False)
     return out
 
 
-def _rows_linear(x, alpha, w, out, slots, gate_mean, *, eps: float = 0.0, norm: bool, relu: bool) -> None:
+def _rows_linear(x, alpha, w, scale, out, slots, gate_mean, *, eps: float = 0.0, norm: bool, relu: bool) -> None:
     B, K = x.shape
     N = w.shape[0]
     cfg = _linear_config(B, N, K, _num_sms(x.device))
     grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(B, cfg["BLOCK_B"]))
     _rows_linear_kernel[grid](
-        x, alpha if alpha is not None else x, w, out,
+        x, alpha if alpha is not None else x, w, scale if scale is not None else x, out,
         slots if slots is not None else x, gate_mean if gate_mean is not None else x,
         B, N, K, x.stride(0), w.stride(0), out.stride(0), eps,
-        NORM=norm, RELU=relu, HAS_SLOTS=slots is not None, ZERO_GATE_MEAN=gate_mean is not None,
+        NORM=norm, RELU=relu, HAS_SLOTS=slots is not None, HAS_SCALE=scale is not None,
+        ZERO_GATE_MEAN=gate_mean is not None,
         DOT_PRECISION=_dot_precision(x.dtype), **cfg)
     record_launch("xattn_rows_linear")
 
 
-def norm_q_projection_reference(x, norm_alpha, wq, *, eps: float = 1e-8, slots=None) -> torch.Tensor:
+def _dense(w, scale) -> torch.Tensor:
+    """The weight in fp32: w, or int8 CB dequantized as CB * scale / 127."""
+    return w.float() if scale is None else w.float() * (scale.float() / 127)[:, None]
+
+
+def norm_q_projection_reference(x, norm_alpha, wq, *, eps: float = 1e-8, slots=None, wq_scale=None) -> torch.Tensor:
     xf = x.float()
     y = (xf * norm_alpha.float().reshape(-1) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    q = (y.float() @ wq.float().T).to(x.dtype)
+    q = (y.float() @ _dense(wq, wq_scale).T).to(x.dtype)
     if slots is not None:
         q = torch.where((slots >= 0)[:, None], q, torch.zeros_like(q))
     return q
@@ -521,20 +559,23 @@ def image_attention_reference(q, image_kv, slots) -> torch.Tensor:
 # ---- piece 3: output projection + gate + residual -------------------------------------------------
 def gated_output(x: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor, wo: torch.Tensor,
                  gate_w0: torch.Tensor, gate_w2: torch.Tensor, *, out: torch.Tensor | None = None,
-                 gate_mean: torch.Tensor | None = None, workspace: CrossAttentionWorkspace | None = None
-                 ) -> torch.Tensor:
+                 gate_mean: torch.Tensor | None = None, workspace: CrossAttentionWorkspace | None = None,
+                 wo_scale: torch.Tensor | None = None, gate_w0_scale: torch.Tensor | None = None,
+                 gate_w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """a = attn @ Wo^T; g = sigmoid(relu(a @ W0^T) @ W2^T - 4); out = x + a * g where slots >= 0, else x.
 
-    x, attn [B, dim]; wo [dim, dim]; gate_w0 [G, dim]; gate_w2 [dim, G]; out may be x (in place).
+    x, attn [B, dim]; wo [dim, dim]; gate_w0 [G, dim]; gate_w2 [dim, G] (each dense in x's dtype, or
+    int8 with its `*_scale` fp32 row scales); out may be x (in place).
     gate_mean (fp32 [B], optional) receives each row's mean of g over dim (0 without an image).
     Three launches."""
     B, dim = _check_x(x)
     _check_rows(attn, "attn", (B, dim), x.dtype, x.device)
     _check_slots(slots, B, x.device)
-    _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean)
+    scales = (wo_scale, gate_w0_scale, gate_w2_scale)
+    _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean, *scales)
     a, h = _gate_scratch(workspace, x, gate_w0.shape[0])
     out = torch.empty_like(x) if out is None else out
-    _gated_output(x, attn, slots, wo, gate_w0, gate_w2, out, gate_mean, a, h)
+    _gated_output(x, attn, slots, wo, gate_w0, gate_w2, scales, out, gate_mean, a, h)
     return out
 
 
@@ -543,26 +584,31 @@ def _gate_scratch(workspace, x, G: int) -> tuple[torch.Tensor, torch.Tensor]:
             _scratch(workspace, "h", (x.shape[0], G), x.dtype, x.device))
 
 
-def _gated_output(x, attn, slots, wo, gate_w0, gate_w2, out, gate_mean, a, h) -> None:
+def _gated_output(x, attn, slots, wo, gate_w0, gate_w2, scales, out, gate_mean, a, h) -> None:
     B, dim = x.shape
     G = gate_w0.shape[0]
-    _rows_linear(attn, None, wo, a, slots, gate_mean, norm=False, relu=False)
-    _rows_linear(a, None, gate_w0, h, slots, None, norm=False, relu=True)
+    wo_scale, gate_w0_scale, gate_w2_scale = scales
+    _rows_linear(attn, None, wo, wo_scale, a, slots, gate_mean, norm=False, relu=False)
+    _rows_linear(a, None, gate_w0, gate_w0_scale, h, slots, None, norm=False, relu=True)
     cfg = _linear_config(B, dim, G, _num_sms(x.device))
     grid = (cdiv(dim, cfg["BLOCK_N"]), cdiv(B, cfg["BLOCK_B"]))
     _gate_residual_kernel[grid](
-        h, gate_w2, a, x, slots, out, gate_mean if gate_mean is not None else x,
+        h, gate_w2, gate_w2_scale if gate_w2_scale is not None else x, a, x, slots, out,
+        gate_mean if gate_mean is not None else x,
         B, dim, G, h.stride(0), gate_w2.stride(0), a.stride(0), x.stride(0), out.stride(0),
-        HAS_GATE_MEAN=gate_mean is not None, DOT_PRECISION=_dot_precision(x.dtype), **cfg)
+        HAS_GATE_MEAN=gate_mean is not None, HAS_SCALE=gate_w2_scale is not None,
+        DOT_PRECISION=_dot_precision(x.dtype), **cfg)
     record_launch("xattn_gate_residual")
 
 
-def gated_output_reference(x, attn, slots, wo, gate_w0, gate_w2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, gate_mean) with the rounding of the model's reference (linears in x's dtype)."""
+def gated_output_reference(x, attn, slots, wo, gate_w0, gate_w2, *, wo_scale=None, gate_w0_scale=None,
+                           gate_w2_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, gate_mean) with the rounding of the model's reference (linears in x's dtype; int8 weights
+    dequantized first)."""
     dt = x.dtype
-    a = (attn.float() @ wo.float().T).to(dt)
-    hidden = torch.relu(a.float() @ gate_w0.float().T).to(dt)
-    g = torch.sigmoid(((hidden.float() @ gate_w2.float().T).to(dt).float() - 4).to(dt).float()).to(dt)
+    a = (attn.float() @ _dense(wo, wo_scale).T).to(dt)
+    hidden = torch.relu(a.float() @ _dense(gate_w0, gate_w0_scale).T).to(dt)
+    g = torch.sigmoid(((hidden.float() @ _dense(gate_w2, gate_w2_scale).T).to(dt).float() - 4).to(dt).float()).to(dt)
     y = (x.float() + (a.float() * g.float()).to(dt).float()).to(dt)
     has = slots >= 0
     return torch.where(has[:, None], y, x), torch.where(has, g.float().mean(-1), 0.0)
@@ -573,12 +619,16 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
                           image_kv: torch.Tensor, slots: torch.Tensor, wo: torch.Tensor,
                           gate_w0: torch.Tensor, gate_w2: torch.Tensor, *, eps: float = 1e-8,
                           out: torch.Tensor | None = None, gate_mean: torch.Tensor | None = None,
-                          workspace: CrossAttentionWorkspace | None = None) -> torch.Tensor:
+                          workspace: CrossAttentionWorkspace | None = None, wq_scale: torch.Tensor | None = None,
+                          wo_scale: torch.Tensor | None = None, gate_w0_scale: torch.Tensor | None = None,
+                          gate_w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's gated cross-attention with its residual: out [B, dim] (see the module docstring).
 
     x [B, dim]; norm_alpha (dim values); wq [dim, dim] (row stride free: rows [0, dim) of the shared
     in_proj_weight); image_kv [S, N, 2, H, D] with H * D = dim; slots [B] int32/int64 in [-1, S)
     (not checked: that would need a sync); wo [dim, dim]; gate_w0 [G, dim]; gate_w2 [dim, G].
+    Each of wq, wo, gate_w0, gate_w2 is dense in x's dtype, or int8 (bitsandbytes' CB) with its
+    `<name>_scale` fp32 [rows] (SCB; for a wq cut from in_proj, the matching slice of its SCB).
     out may be x (in place); gate_mean (fp32 [B]) receives each row's mean gate (0 without image).
     workspace: preallocated scratch (`cross_attention_workspace`), else allocated per call (the
     attention's arrival counters then come from a per-device buffer of zeros).
@@ -586,34 +636,38 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
     """
     B, dim = _check_x(x)
     _check_alpha(norm_alpha, dim, x.device)
-    _check_rows(wq, "wq", (dim, dim), x.dtype, x.device)
+    _check_weight(wq, "wq", (dim, dim), wq_scale, x)
     check_tensor(image_kv, "image_kv", 5, (x.dtype,), x.device)
     H, D = image_kv.shape[3], image_kv.shape[4]
     if H * D != dim:
         raise ValueError(f"image_kv heads x head_dim must equal dim {dim}, got shape {list(image_kv.shape)}")
     _check_image_kv(image_kv, H, D, x.dtype, x.device)
     _check_slots(slots, B, x.device)
-    _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean)
+    scales = (wo_scale, gate_w0_scale, gate_w2_scale)
+    _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean, *scales)
     q = _scratch(workspace, "q", (B, dim), x.dtype, x.device)
     attn = _scratch(workspace, "attn", (B, dim), x.dtype, x.device)
     stats, acc, counters = _attention_scratch(workspace, B, H, D, image_kv.shape[1], x.device)
     a, h = _gate_scratch(workspace, x, gate_w0.shape[0])
     out = torch.empty_like(x) if out is None else out
 
-    _rows_linear(x, norm_alpha.reshape(-1), wq, q, slots, None, eps=eps, norm=True, relu=False)
+    _rows_linear(x, norm_alpha.reshape(-1), wq, wq_scale, q, slots, None, eps=eps, norm=True, relu=False)
     _attention(q.unflatten(1, (H, D)), image_kv, slots, attn.unflatten(1, (H, D)), stats, acc, counters)
-    _gated_output(x, attn, slots, wo, gate_w0, gate_w2, out, gate_mean, a, h)
+    _gated_output(x, attn, slots, wo, gate_w0, gate_w2, scales, out, gate_mean, a, h)
     return out
 
 
 def gated_cross_attention_reference(x, norm_alpha, wq, image_kv, slots, wo, gate_w0, gate_w2, *,
-                                    eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, gate_mean) in plain PyTorch, fp32 math with the model reference's rounding points."""
+                                    eps: float = 1e-8, wq_scale=None, wo_scale=None, gate_w0_scale=None,
+                                    gate_w2_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, gate_mean) in plain PyTorch, fp32 math with the model reference's rounding points (int8
+    weights dequantized first)."""
     B, dim = x.shape
     H, D = image_kv.shape[3], image_kv.shape[4]
-    q = norm_q_projection_reference(x, norm_alpha, wq, eps=eps)
+    q = norm_q_projection_reference(x, norm_alpha, wq, eps=eps, wq_scale=wq_scale)
     attn = image_attention_reference(q.view(B, H, D), image_kv, slots).reshape(B, dim)
-    return gated_output_reference(x, attn, slots, wo, gate_w0, gate_w2)
+    return gated_output_reference(x, attn, slots, wo, gate_w0, gate_w2, wo_scale=wo_scale,
+                                  gate_w0_scale=gate_w0_scale, gate_w2_scale=gate_w2_scale)
 
 
 # ---- static audit -------------------------------------------------------------------------------
@@ -631,7 +685,8 @@ def _audit_signature(fn, pointers: dict, floats: tuple = ()) -> dict:
 
 def audit_cases() -> list[dict]:
     """Each kernel as compiled at the real moshika-vis shapes in bf16, for batch 1 and 8 (GEMV tiles) and
-    64 (tl.dot); int_values are the integer arguments (sizes, strides) a launch would specialise on."""
+    64 (tl.dot), with dense bf16 and INT8 weights; int_values are the integer arguments (sizes, strides)
+    a launch would specialise on."""
     dim, H, D, N, G = 4096, 32, 128, 1024, 512
     bf, f32, slot = "*bf16", "*fp32", "*i32"
     cases = []
@@ -643,22 +698,26 @@ def audit_cases() -> list[dict]:
                           num_warps=num_warps, num_stages=num_stages))
 
     for B in (1, 8, 64):
-        lin_ptrs = dict(x_ptr=bf, alpha_ptr=bf, w_ptr=bf, out_ptr=bf, slots_ptr=slot, gate_mean_ptr=f32)
-        for what, N_out, K, norm, relu in (("norm_q", dim, dim, True, False), ("out_proj", dim, dim, False, False),
-                                           ("gate_hidden", G, dim, False, True)):
-            cfg = _linear_config(B, N_out, K)
-            launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-            add(f"xattn_{what}_b{B}", _rows_linear_kernel, lin_ptrs,
-                dict(B=B, N=N_out, K=K, stride_xb=K, stride_wn=K, stride_ob=N_out),
-                dict(NORM=norm, RELU=relu, HAS_SLOTS=True, ZERO_GATE_MEAN=what == "out_proj",
-                     DOT_PRECISION="tf32", **cfg), floats=("eps",), **launch)
+        for wname, wt, st, int8 in (("", bf, bf, False), ("_int8", "*i8", f32, True)):
+            lin_ptrs = dict(x_ptr=bf, alpha_ptr=bf, w_ptr=wt, scale_ptr=st, out_ptr=bf, slots_ptr=slot,
+                            gate_mean_ptr=f32)
+            for what, N_out, K, norm, relu in (("norm_q", dim, dim, True, False),
+                                               ("out_proj", dim, dim, False, False),
+                                               ("gate_hidden", G, dim, False, True)):
+                cfg = _linear_config(B, N_out, K)
+                launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+                add(f"xattn_{what}{wname}_b{B}", _rows_linear_kernel, lin_ptrs,
+                    dict(B=B, N=N_out, K=K, stride_xb=K, stride_wn=K, stride_ob=N_out),
+                    dict(NORM=norm, RELU=relu, HAS_SLOTS=True, HAS_SCALE=int8, ZERO_GATE_MEAN=what == "out_proj",
+                         DOT_PRECISION="tf32", **cfg), floats=("eps",), **launch)
 
-        cfg = _linear_config(B, dim, G)
-        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-        add(f"xattn_gate_residual_b{B}", _gate_residual_kernel,
-            dict(h_ptr=bf, w2_ptr=bf, a_ptr=bf, x_ptr=bf, slots_ptr=slot, out_ptr=bf, gate_mean_ptr=f32),
-            dict(B=B, N=dim, G=G, stride_hb=G, stride_wn=G, stride_ab=dim, stride_xb=dim, stride_ob=dim),
-            dict(HAS_GATE_MEAN=True, DOT_PRECISION="tf32", **cfg), **launch)
+            cfg = _linear_config(B, dim, G)
+            launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+            add(f"xattn_gate_residual{wname}_b{B}", _gate_residual_kernel,
+                dict(h_ptr=bf, w2_ptr=wt, scale_ptr=st, a_ptr=bf, x_ptr=bf, slots_ptr=slot, out_ptr=bf,
+                     gate_mean_ptr=f32),
+                dict(B=B, N=dim, G=G, stride_hb=G, stride_wn=G, stride_ab=dim, stride_xb=dim, stride_ob=dim),
+                dict(HAS_GATE_MEAN=True, HAS_SCALE=int8, DOT_PRECISION="tf32", **cfg), **launch)
 
         cfg = _attention_config(B, H, N)
         splits = cfg.pop("splits")

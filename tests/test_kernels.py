@@ -844,6 +844,21 @@ def _nan(*shape, dtype=torch.float32, device="cpu"):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+_XA_WEIGHTS = ("wq", "wo", "gate_w0", "gate_w2")
+
+
+def _int8(p, names=_XA_WEIGHTS):
+    """p with the named weights row-wise INT8 (bitsandbytes' CB) and their `<name>_scale` (SCB)."""
+    p = dict(p)
+    for name in names:
+        p[name], p[f"{name}_scale"] = quantize_rowwise(p[name])
+    return p
+
+
+def _weights(p, weights):
+    return _int8(p) if weights == "int8" else p
+
+
 def _check_block(p, out, gate_mean):
     ref_out, ref_mean = xa.gated_cross_attention_reference(**p)
     torch.testing.assert_close(out, ref_out, **TOL)
@@ -854,10 +869,11 @@ def _check_block(p, out, gate_mean):
 
 
 # ---- the whole block ------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["dense", "int8"])
 @pytest.mark.parametrize("N", [12, 37, 100, 1024])
-def test_block_matches_reference(gen, N, sms):
+def test_block_matches_reference(gen, N, sms, weights):
     B = int(torch.randint(1, 10, (1,), generator=gen))
-    p = _problem_xattn(gen, B, N=N, H=3)  # dim 48: column tails with 1 SM  # the sign of zero survives a no-image row
+    p = _weights(_problem_xattn(gen, B, N=N, H=3), weights)  # dim 48: column tails with 1 SM
     gate_mean = _nan(B)
     out = xa.gated_cross_attention(**p, out=_nan(B, p["x"].shape[1]), gate_mean=gate_mean)
     _check_block(p, out, gate_mean)
@@ -873,9 +889,10 @@ def test_block_edge_batches(gen, slots):
     _check_block(p, out, gate_mean)
 
 
+@pytest.mark.parametrize("weights", ["dense", "int8"])
 @pytest.mark.parametrize("B", [1, 6, 40])
-def test_block_in_place(gen, B):
-    p = _problem_xattn(gen, B, N=37)
+def test_block_in_place(gen, B, weights):
+    p = _weights(_problem_xattn(gen, B, N=37), weights)
     p["x"][p["slots"] < 0, 0] = -0.0  # the sign of zero survives a no-image row
     x0 = p["x"].clone()
     ref_out, ref_mean = xa.gated_cross_attention_reference(**p)
@@ -888,12 +905,13 @@ def test_block_in_place(gen, B):
     assert torch.equal(out[none].view(torch.int32), x0[none].view(torch.int32))
 
 
-def test_block_large_batch_shared_images(gen):
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_block_large_batch_shared_images(gen, weights):
     """tl.dot tiles (B > 8) over two row tiles, and a slot shared by more rows than one attention chunk."""
     B = 70
     slots = torch.randint(-1, 4, (B,), generator=gen)
     slots[torch.randperm(B, generator=gen)[:20]] = 2  # >= 16 rows on slot 2: two chunks, rows scattered
-    p = _problem_xattn(gen, B, N=50, S=4, slots=slots)
+    p = _weights(_problem_xattn(gen, B, N=50, S=4, slots=slots), weights)
     cfg = xa._linear_config(B, p["x"].shape[1], p["x"].shape[1])
     assert cfg["USE_DOT"] and cdiv(B, cfg["BLOCK_B"]) == 2
     gate_mean = _nan(B)
@@ -966,6 +984,23 @@ def test_wq_row_stride_view(gen):
     torch.testing.assert_close(out, xa.gated_cross_attention_reference(**p)[0], **TOL)
 
 
+@pytest.mark.parametrize("B", [3, 20])
+def test_int8_wq_row_slice_of_in_proj(gen, B):
+    """wq = rows [0, dim) of an INT8 in_proj (CB) with the matching slice of its SCB, the other weights
+    INT8 too; the reference dequantizes first, and matches the block on the dequantized dense weights."""
+    p = _problem_xattn(gen, B, N=37)
+    dim = p["x"].shape[1]
+    cb, scb = quantize_rowwise(torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim))
+    p = {**_int8(p, ("wo", "gate_w0", "gate_w2")), "wq": cb[:dim], "wq_scale": scb[:dim]}
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=_nan(B, dim), gate_mean=gate_mean)
+    _check_block(p, out, gate_mean)
+    dense = {k: v for k, v in p.items() if not k.endswith("_scale")}
+    for name in _XA_WEIGHTS:
+        dense[name] = p[name].float() * (p[f"{name}_scale"] / 127)[:, None]
+    torch.testing.assert_close(out, xa.gated_cross_attention_reference(**dense)[0], **TOL)
+
+
 # ---- the pieces -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("B", [1, 3, 8, 9, 33])
 @pytest.mark.parametrize("with_slots", [False, True])
@@ -975,6 +1010,15 @@ def test_norm_q_projection(gen, B, with_slots, sms):
     slots = p["slots"] if with_slots else None
     q = xa.norm_q_projection(p["x"], p["norm_alpha"], p["wq"], slots=slots, out=_nan(B, H * D))
     torch.testing.assert_close(q, xa.norm_q_projection_reference(p["x"], p["norm_alpha"], p["wq"], slots=slots), **TOL)
+
+
+@pytest.mark.parametrize("B", [1, 8, 33])  # GEMV tiles and tl.dot tiles
+def test_norm_q_projection_int8(gen, B, sms):
+    p = _int8(_problem_xattn(gen, B, H=3, D=16), ("wq",))
+    args = (p["x"], p["norm_alpha"], p["wq"])
+    q = xa.norm_q_projection(*args, slots=p["slots"], wq_scale=p["wq_scale"], out=_nan(B, 48))
+    expected = xa.norm_q_projection_reference(*args, slots=p["slots"], wq_scale=p["wq_scale"])
+    torch.testing.assert_close(q, expected, **TOL)
 
 
 @pytest.mark.parametrize("N", [5, 37, 1024])
@@ -989,14 +1033,17 @@ def test_image_attention(gen, N, sms):
     assert torch.all(attn[p["slots"] < 0] == 0)
 
 
+@pytest.mark.parametrize("weights", ["dense", "int8"])
 @pytest.mark.parametrize("B", [1, 7, 20])
-def test_gated_output(gen, B, sms):
-    p = _problem_xattn(gen, B, H=3, D=16, G=24)
+def test_gated_output(gen, B, sms, weights):
+    p = _weights(_problem_xattn(gen, B, H=3, D=16, G=24), weights)
     attn = torch.randn(B, 48, generator=gen)
     gate_mean = _nan(B)
+    scales = {k: v for k, v in p.items() if k.endswith("_scale") and k != "wq_scale"}
     out = xa.gated_output(p["x"], attn, p["slots"], p["wo"], p["gate_w0"], p["gate_w2"],
-                          out=_nan(B, 48), gate_mean=gate_mean)
-    ref_out, ref_mean = xa.gated_output_reference(p["x"], attn, p["slots"], p["wo"], p["gate_w0"], p["gate_w2"])
+                          out=_nan(B, 48), gate_mean=gate_mean, **scales)
+    ref_out, ref_mean = xa.gated_output_reference(p["x"], attn, p["slots"], p["wo"], p["gate_w0"], p["gate_w2"],
+                                                  **scales)
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(gate_mean, ref_mean, **TOL)
 
@@ -1071,6 +1118,26 @@ def _bad(p, **changes):
 def test_bad_input_names_the_argument(gen, change, name):
     p = _problem_xattn(gen, 4, N=37)
     with pytest.raises((ValueError, TypeError), match=name.replace(".", r"\.")):
+        xa.gated_cross_attention(**_bad(p, **change(p)))
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda p: dict(wq_scale=None), "wq_scale"),  # int8 weight without its scales
+    (lambda p: dict(wo_scale=None), "wo_scale"),
+    (lambda p: dict(gate_w0_scale=None), "gate_w0_scale"),
+    (lambda p: dict(gate_w2_scale=None), "gate_w2_scale"),
+    (lambda p: dict(wq_scale=p["wq_scale"][:-1]), "wq_scale"),
+    (lambda p: dict(wo_scale=p["wo_scale"].double()), "wo_scale"),
+    (lambda p: dict(gate_w0_scale=p["gate_w0_scale"].to(torch.bfloat16)), "gate_w0_scale"),
+    (lambda p: dict(gate_w2_scale=torch.stack([p["gate_w2_scale"]] * 2, 1)[:, 0]), "gate_w2_scale"),  # strided
+    (lambda p: dict(gate_w2_scale=p["gate_w2_scale"][None]), "gate_w2_scale"),
+    (lambda p: dict(wq=p["wq"].float() * p["wq_scale"][:, None] / 127), "wq_scale"),  # scale for a dense wq
+    (lambda p: dict(gate_w0=p["gate_w0"].float(), gate_w0_scale=None, wo=p["wo"].to(torch.int16)), "wo"),
+    (lambda p: dict(wo=p["wo"][:, :-1]), "wo"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_int8_input_names_the_argument(gen, change, name):
+    p = _int8(_problem_xattn(gen, 4, N=37))
+    with pytest.raises((ValueError, TypeError), match=name):
         xa.gated_cross_attention(**_bad(p, **change(p)))
 
 

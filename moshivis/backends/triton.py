@@ -10,8 +10,9 @@ positions and sampling parameters, the token buffer in the engine).
 Kernels take some weights stacked (the 16 audio tables, the depformer's per-step and per-layer
 weights); the backend stacks them once and rebinds the engine's weight dict to views of the stacked
 tensors, so no weight is held twice. With INT8 weights (`checkpoint.load(..., weights="int8")`) the
-temporal projections and the text head run on the int8 kernel; the cross-attention and depformer
-kernels take dense weights only so far, so their weights are dequantized once at start-up.
+temporal projections, the text head and the gated cross-attention (its shared projections and each
+layer's gate) run on int8 kernels; the depformer kernel takes dense weights only so far, so its
+weights are dequantized once at start-up.
 """
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ class TritonBackend(TorchBackend):
     def __init__(self, cfg, weights, state, pool):
         super().__init__(cfg, weights, state, pool)
         w, dtype = weights, weights["llm.text_emb.weight"].dtype
-        dense_only = [k for k in w if k.startswith(("depformer", "audio_linears", XA))
-                      or ".cross_attention.gate." in k]
+        dense_only = [k for k in w if k.startswith(("depformer", "audio_linears"))]
         dequantize(w, dense_only, dtype)
         self.audio_emb = restack(w, [f"audio_emb.{j}.weight" for j in range(cfg.n_q)])  # [n_q, card+1, dim]
         self.xa_wq = w[f"{XA}.in_proj_weight"][: cfg.dim]  # a view: rows [0, dim) of the shared in_proj
+        in_proj_scb = w.get(scale_key(f"{XA}.in_proj_weight"))
+        self.xa_wq_scale = None if in_proj_scb is None else in_proj_scb[: cfg.dim]
         self.depformer_w = depformer_weights(w, cfg)
         self._depformer_ws = {}  # batch size -> workspace (its cache and scratch)
 
@@ -87,9 +89,12 @@ class TritonBackend(TorchBackend):
 
     def cross_attention(self, i, x, image_slots):
         p, w = f"llm.transformer.layers.{i}", self.w
+        wo, w0, w2 = (f"{XA}.out_proj.weight", f"{p}.cross_attention.gate.alpha.0.weight",
+                      f"{p}.cross_attention.gate.alpha.2.weight")
         return gated_cross_attention(x, w[f"{p}.norm_cross.alpha"].reshape(-1), self.xa_wq, self.pool.kv, image_slots,
-                                     w[f"{XA}.out_proj.weight"], w[f"{p}.cross_attention.gate.alpha.0.weight"],
-                                     w[f"{p}.cross_attention.gate.alpha.2.weight"], out=x)
+                                     w[wo], w[w0], w[w2], out=x, wq_scale=self.xa_wq_scale,
+                                     wo_scale=w.get(scale_key(wo)), gate_w0_scale=w.get(scale_key(w0)),
+                                     gate_w2_scale=w.get(scale_key(w2)))
 
     def ffn(self, i, x):
         p = f"llm.transformer.layers.{i}"
