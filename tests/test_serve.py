@@ -654,6 +654,31 @@ def test_metrics_endpoint_parses(cfg, weights):
                           "moshivis_image_pool_used", "moshivis_refusals_total"}
 
 
+@contextlib.contextmanager
+def server_process(*args):
+    """`python -m moshivis.server ARGS` in a subprocess: yields (process, port) once it listens; killed
+    on the way out if it is still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "moshivis.server", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        port, deadline = None, time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", lines.get(timeout=1))
+                port = int(m[1]) if m else None
+        assert port, "the server did not start"
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        proc.stdout.close()
+
+
 # ---- command lines --------------------------------------------------------------------------------
 def test_server_and_client_command_lines(cfg, weights, gen, tmp_path):
     """`python -m moshivis.server` (seeded random tiny weights), a conversation from files with
@@ -662,31 +687,13 @@ def test_server_and_client_command_lines(cfg, weights, gen, tmp_path):
     image = features(cfg, gen)
     save_file({"user_audio_tokens": user}, str(tmp_path / "user.safetensors"))
     save_file({"image_features": image}, str(tmp_path / "image.safetensors"))
-    proc = subprocess.Popen([sys.executable, "-m", "moshivis.server", "--preset", "tiny", "--port", "0",
-                             "--max-streams", "2", "--threads", "1", "--log-level", "WARNING"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
-    reader.start()
-    try:
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", lines.get(timeout=1))
-                port = int(m[1]) if m else None
-        assert port, "the server did not start"
+    with server_process("--preset", "tiny", "--port", "0", "--max-streams", "2", "--threads", "1",
+                        "--log-level", "WARNING") as (proc, port):
         out = tmp_path / "out.safetensors"
         assert client_main(["--port", str(port), "--tokens", str(tmp_path / "user.safetensors"),
                             "--image", str(tmp_path / "image.safetensors"), "--out", str(out), "--seed", "4"]) == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=5)
-        proc.stdout.close()
     result = load_file(str(out))
     assert result["tokens"].shape == (cfg.num_codebooks_out, 9)
     assert torch.equal(result["input_frames"], torch.arange(9))
@@ -874,21 +881,10 @@ def test_server_and_client_command_lines_with_wav_and_png(chat_files, tmp_path):
     d, a = f["dir"], f["args"]
     write_wav(tmp_path / "question.wav", f["question"], 24000)
     question = load_audio(tmp_path / "question.wav", 24000)
-    proc = subprocess.Popen([sys.executable, "-m", "moshivis.server", "--config", str(d / "config.json"),
-                             "--checkpoint", a.checkpoint, "--vision-config", a.vision_config, "--mimi", a.mimi,
-                             "--tokenizer", a.tokenizer, "--port", "0", "--max-streams", "1", "--threads", "1",
-                             "--mode", "lockstep", "--log-level", "WARNING"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
-    reader.start()
-    try:
-        port, deadline = None, time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", lines.get(timeout=1))
-                port = int(m[1]) if m else None
-        assert port, "the server did not start"
+    with server_process("--config", str(d / "config.json"), "--checkpoint", a.checkpoint,
+                        "--vision-config", a.vision_config, "--mimi", a.mimi, "--tokenizer", a.tokenizer,
+                        "--port", "0", "--max-streams", "1", "--threads", "1", "--mode", "lockstep",
+                        "--log-level", "WARNING") as (proc, port):
         out = tmp_path / "answer.wav"
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
@@ -897,12 +893,6 @@ def test_server_and_client_command_lines_with_wav_and_png(chat_files, tmp_path):
         assert rc == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=5)
-        proc.stdout.close()
     answer, printed = chat_answer(f, question, SEED_A, image=True)
     assert stdout.getvalue() == printed + "\n"
     got = load_audio(out, 24000)
