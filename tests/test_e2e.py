@@ -86,11 +86,9 @@ def read_int16_wav(path: Path) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(x.astype(np.float32) / 32767), f.getframerate()
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A checkpoint folder as the chat command expects it, plus the objects it was made from."""
-    gen = torch.Generator().manual_seed(1234)
-    d = tmp_path_factory.mktemp("moshivis")
+def make_chat_folder(d: Path, gen: torch.Generator) -> dict:
+    """A checkpoint folder as the chat command expects it (config, model with the SigLIP tower, Mimi in
+    the Hugging Face layout, SentencePiece model, a non-square PNG), plus the objects it was made from."""
     cfg = tiny_cfg()
     cfg.to_json(d / "config.json")
     siglip = tiny_siglip(gen)
@@ -106,8 +104,16 @@ def bundle(tmp_path_factory):
     (d / "tokenizer_spm_32k_3.model").write_bytes(buf.getvalue())
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(d / "photo.png")  # not square
-    write_wav(d / "question.wav", tone(1.3, SR, gen), SR)  # 31200 samples: 16.25 frames
     return dict(dir=d, cfg=cfg, weights=weights, siglip=siglip, mimi=mimi, sp=buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """make_chat_folder plus the question: a tone of 31200 samples (16.25 frames)."""
+    gen = torch.Generator().manual_seed(1234)
+    b = make_chat_folder(tmp_path_factory.mktemp("moshivis"), gen)
+    write_wav(b["dir"] / "question.wav", tone(1.3, SR, gen), SR)
+    return b
 
 
 def chat(bundle, capsys, *extra, **replace):

@@ -35,8 +35,7 @@ from moshivis import protocol as P
 from moshivis.client import Client, ServerError
 from moshivis.client import main as client_main
 from moshivis.server import MediaError, Server, ServerConfig, build_media
-from test_e2e import SENTENCES, tiny_mimi, tiny_siglip, tone
-from test_e2e import tiny_cfg as e2e_cfg
+from test_e2e import make_chat_folder, tone
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -721,35 +720,16 @@ SEED_A, SEED_B = 5, 6
 
 @pytest.fixture(scope="module")
 def chat_files(tmp_path_factory):
-    import numpy as np
-    import sentencepiece as spm
-    from PIL import Image
-
-    from moshivis import checkpoint
-
     gen = torch.Generator().manual_seed(4321)
-    d = tmp_path_factory.mktemp("serve_chat")
-    cfg = e2e_cfg()
-    cfg.to_json(d / "config.json")
-    siglip = tiny_siglip(gen)
-    siglip.config.to_json_file(str(d / "vision_config.json"))
-    weights = random_init(cfg, seed=3)
-    tower = {f"image_prefix.enc.model.{k}": v for k, v in siglip.state_dict().items()}
-    checkpoint.save({**weights, **tower}, d / "model.safetensors")
-    tiny_mimi(gen).save_pretrained(str(d / "mimi"))
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_writer=buf, vocab_size=cfg.text_card,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
-    (d / "tokenizer.model").write_bytes(buf.getvalue())
-    Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(d / "photo.png")
+    f = make_chat_folder(tmp_path_factory.mktemp("serve_chat"), gen)
+    d, cfg = f["dir"], f["cfg"]
     args = argparse.Namespace(mimi=str(d / "mimi"), mimi_config=None, siglip=None,
                               checkpoint=str(d / "model.safetensors"), vision_config=str(d / "vision_config.json"),
-                              tokenizer=str(d / "tokenizer.model"))
+                              tokenizer=str(d / "tokenizer_spm_32k_3.model"))
     media = build_media(args, cfg, torch.float32, "cpu")
     assert media.codec and media.vision and media.tokenizer
     question = tone(0.9, 24000, gen)  # 21600 samples: 11.25 frames
-    return dict(dir=d, cfg=cfg, weights=weights, media=media, args=args, question=question,
-                png=(d / "photo.png").read_bytes())
+    return dict(f, media=media, args=args, question=question, png=(d / "photo.png").read_bytes())
 
 
 def chat_answer(files, question, seed, image: bool):
