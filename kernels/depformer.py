@@ -45,7 +45,7 @@ from functools import lru_cache
 import torch
 
 from ._runtime import INTERPRET, cdiv, check_tensor, next_pow2, record_launch
-from .sampling import greedy_tokens, sample_tokens, sample_tokens_reference
+from .sampling import greedy_tokens, greedy_tokens_reference, sample_tokens, sample_tokens_reference
 
 import triton  # noqa: E402  (after _runtime: it sets TRITON_INTERPRET when there is no GPU)
 import triton.language as tl  # noqa: E402
@@ -554,11 +554,11 @@ def depformer_frame(weights: DepformerWeights, h: torch.Tensor, text: torch.Tens
                     fused: bool = True, num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All S codebook steps: (tokens [B, S] int64, logits [B, S, card] fp32).
 
-    text [B]: the text token chosen for this frame (step 0's input). Token k is forced[:, 1 + k] when
-    `forced` [B, 1 + S] is given (teacher forcing; column 0 is the text token, unused here), else drawn
-    by `moshivis_kernels.sampling.sample_tokens` with codebook 1 + k (temperature, top_k, seed, frame
-    per row, as there), or the argmax when temperature is None. Per step: one depformer launch (fused)
-    and one sampler launch; nothing is read back to the host.
+    text [B]: the text token chosen for this frame (step 0's input). Token k is drawn by
+    `moshivis_kernels.sampling.sample_tokens` with codebook 1 + k (temperature, top_k, seed, frame per
+    row, as there), or is the argmax when temperature is None; with `forced` [B, 1 + S] (teacher
+    forcing; column 0 is the text token, unused here) an entry forced[b, 1 + k] >= 0 replaces it. Per
+    step: one depformer launch (fused) and one sampler launch; nothing is read back to the host.
     """
     w = weights
     B, S = h.shape[0], w.steps
@@ -585,14 +585,12 @@ def depformer_frame(weights: DepformerWeights, h: torch.Tensor, text: torch.Tens
     for k in range(S):
         logits = depformer_step(w, k, h, prev, workspace, out=logits_out[:, k], fused=fused,
                                 num_programs=num_programs)
-        if forced is not None:
-            prev = forced[:, 1 + k]
-        elif temperature is None:
-            prev = greedy_tokens(logits, out=tokens_out[:, k])
+        forced_k = None if forced is None else forced[:, 1 + k]
+        if temperature is None:
+            prev = greedy_tokens(logits, forced=forced_k, out=tokens_out[:, k])
         else:
-            prev = sample_tokens(logits, temperature, top_k, seed, frame, 1 + k, out=tokens_out[:, k])
-    if forced is not None:
-        tokens_out.copy_(forced[:, 1:])
+            prev = sample_tokens(logits, temperature, top_k, seed, frame, 1 + k, forced=forced_k,
+                                 out=tokens_out[:, k])
     return tokens_out, logits_out
 
 
@@ -649,12 +647,11 @@ def depformer_frame_reference(w: DepformerWeights, h: torch.Tensor, text: torch.
     prev, tokens, logits = text, [], []
     for k in range(S):
         lk = depformer_step_reference(w, k, h, prev, cache)
-        if forced is not None:
-            prev = forced[:, 1 + k].long()
-        elif temperature is None:
-            prev = lk.argmax(-1)
+        forced_k = None if forced is None else forced[:, 1 + k]
+        if temperature is None:
+            prev = greedy_tokens_reference(lk, forced=forced_k)
         else:
-            prev = sample_tokens_reference(lk, temperature, top_k, seed, frame, 1 + k)
+            prev = sample_tokens_reference(lk, temperature, top_k, seed, frame, 1 + k, forced=forced_k)
         tokens.append(prev)
         logits.append(lk)
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)

@@ -124,18 +124,25 @@ def _row_argmax(row_ptr, V, thr, temperature, seed, codebook, frame, SAMPLE: tl.
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_lb, temp_ptr, stride_t, topk_ptr, stride_k, seed_ptr, stride_s,
-                   frame_ptr, stride_f, cb_ptr, stride_cb, cb_value, out_ptr, stride_o, V,
-                   GREEDY: tl.constexpr, CB_PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr):
+                   frame_ptr, stride_f, cb_ptr, stride_cb, cb_value, forced_ptr, stride_fo, out_ptr, stride_o, V,
+                   GREEDY: tl.constexpr, CB_PER_ROW: tl.constexpr, HAS_FORCED: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     """One program per row b of logits [B, V] (row stride stride_lb, unit column stride); writes out[b].
 
-    GREEDY: argmax only (no parameter is read). Otherwise temperature[b] (fp32), top_k[b] (int),
-    seed[b] and frame[b] (int64), codebook = cb_ptr[b] if CB_PER_ROW else cb_value select the rule and the
-    random numbers described in the module docstring.
+    HAS_FORCED: a row whose forced[b] (int) is >= 0 writes that token and reads nothing else (teacher
+    forcing). GREEDY: argmax only (no parameter is read). Otherwise temperature[b] (fp32), top_k[b]
+    (int), seed[b] and frame[b] (int64), codebook = cb_ptr[b] if CB_PER_ROW else cb_value select the rule
+    and the random numbers described in the module docstring.
     """
     b = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + b * stride_lb
-    if GREEDY:
-        tok = _row_argmax(row_ptr, V, 0, 1.0, 0, 0, 0, False, BLOCK_R)
+    forced = tl.full([], -1, tl.int64)
+    if HAS_FORCED:
+        forced = tl.load(forced_ptr + b * stride_fo).to(tl.int64)
+    if forced >= 0:
+        tok = forced
+    elif GREEDY:
+        tok = _row_argmax(row_ptr, V, 0, 1.0, 0, 0, 0, False, BLOCK_R).to(tl.int64)
     else:
         t = tl.load(temp_ptr + b * stride_t)
         if t > 0:
@@ -149,10 +156,10 @@ def _sample_kernel(logits_ptr, stride_lb, temp_ptr, stride_t, topk_ptr, stride_k
                 codebook = tl.load(cb_ptr + b * stride_cb).to(tl.int64)
             else:
                 codebook = tl.zeros([], tl.int64) + cb_value
-            tok = _row_argmax(row_ptr, V, thr, t, seed, codebook, frame, True, BLOCK_R)
+            tok = _row_argmax(row_ptr, V, thr, t, seed, codebook, frame, True, BLOCK_R).to(tl.int64)
         else:
-            tok = _row_argmax(row_ptr, V, 0, 1.0, 0, 0, 0, False, BLOCK_R)
-    tl.store(out_ptr + b * stride_o, tok.to(tl.int64))
+            tok = _row_argmax(row_ptr, V, 0, 1.0, 0, 0, 0, False, BLOCK_R).to(tl.int64)
+    tl.store(out_ptr + b * stride_o, tok)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
@@ -197,15 +204,25 @@ def _check_row_param(t, name: str, B: int, dtypes, device) -> None:
         raise ValueError(f"{name} must have shape [{B}] (one value per logits row), got {list(t.shape)}")
 
 
+def _check_forced(forced, B: int, device, filler: torch.Tensor) -> torch.Tensor:
+    """forced checked, or `filler` for its unused pointer slot when there is none."""
+    if forced is None:
+        return filler
+    _check_row_param(forced, "forced", B, _INT_DTYPES, device)
+    return forced
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
-                  frame: torch.Tensor, codebook: int | torch.Tensor, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  frame: torch.Tensor, codebook: int | torch.Tensor, *, forced: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits [B, V] (fp32/bf16/fp16) -> int64 [B]; one launch, no host sync.
 
     temperature [B] fp32 (<= 0: greedy), top_k [B] int32/int64 (<= 0 or >= V: no top-k), seed [B] int64
     (the stream's seed), frame [B] int64 (the stream's frame counter), codebook: 0 = text, 1..8 = audio
-    codebooks, a Python int or an int32/int64 tensor [B]. out: optional int64 [B], may be a strided view
-    (e.g. a column of a token buffer). Rule and random numbers: module docstring.
+    codebooks, a Python int or an int32/int64 tensor [B]. forced: optional int32/int64 [B], teacher
+    forcing per row: a row with forced >= 0 gets that token, one with forced < 0 is drawn. out: optional
+    int64 [B]; both may be strided views (e.g. columns of a token buffer). Rule and random numbers: module
+    docstring.
     """
     _check_logits(logits)
     B, V = logits.shape
@@ -223,6 +240,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         cb_tensor, cb_value = seed, codebook  # seed only fills the unused pointer slot
     else:
         raise TypeError(f"codebook must be an int or an int tensor [B], got {type(codebook).__name__}")
+    forced_arg = _check_forced(forced, B, dev, seed)
     out = _check_out(out, B, dev)
     if B == 0:
         return out
@@ -230,25 +248,28 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     _sample_kernel[(B,)](
         logits, logits.stride(0), temperature, temperature.stride(0), top_k, top_k.stride(0),
         seed, seed.stride(0), frame, frame.stride(0), cb_tensor, cb_tensor.stride(0), cb_value,
-        out, out.stride(0), V,
-        GREEDY=False, CB_PER_ROW=isinstance(codebook, torch.Tensor), BLOCK_R=block_r, num_warps=num_warps,
-        num_stages=_NUM_STAGES)
+        forced_arg, forced_arg.stride(0), out, out.stride(0), V,
+        GREEDY=False, CB_PER_ROW=isinstance(codebook, torch.Tensor), HAS_FORCED=forced is not None,
+        BLOCK_R=block_r, num_warps=num_warps, num_stages=_NUM_STAGES)
     record_launch("sample_tokens")
     return out
 
 
-def greedy_tokens(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """argmax of each row of logits [B, V] (first maximum on ties) -> int64 [B], one launch."""
+def greedy_tokens(logits: torch.Tensor, *, forced: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax of each row of logits [B, V] (first maximum on ties) -> int64 [B], one launch; `forced`
+    and `out` as in `sample_tokens`."""
     _check_logits(logits)
     B, V = logits.shape
+    forced_arg = _check_forced(forced, B, logits.device, logits)
     out = _check_out(out, B, logits.device)
     if B == 0:
         return out
     block_r, num_warps = _launch_config(V)
     _sample_kernel[(B,)](  # GREEDY reads no parameter: any tensor fills those pointer slots
-        logits, logits.stride(0), logits, 0, out, 0, out, 0, out, 0, out, 0, 0, out, out.stride(0), V,
-        GREEDY=True, CB_PER_ROW=False, BLOCK_R=block_r, num_warps=num_warps,
-        num_stages=_NUM_STAGES)
+        logits, logits.stride(0), logits, 0, out, 0, out, 0, out, 0, out, 0, 0, forced_arg, forced_arg.stride(0),
+        out, out.stride(0), V, GREEDY=True, CB_PER_ROW=False, HAS_FORCED=forced is not None,
+        BLOCK_R=block_r, num_warps=num_warps, num_stages=_NUM_STAGES)
     record_launch("greedy_tokens")
     return out
 
@@ -297,8 +318,8 @@ def sampling_uniforms_reference(seed: torch.Tensor, frame: torch.Tensor, codeboo
 
 
 def sample_tokens_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                            seed: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tensor
-                            ) -> torch.Tensor:
+                            seed: torch.Tensor, frame: torch.Tensor, codebook: int | torch.Tensor, *,
+                            forced: torch.Tensor | None = None) -> torch.Tensor:
     """sample_tokens in fp32 PyTorch with the same uniforms, so tokens can be compared exactly."""
     x = logits.float()
     B, V = x.shape
@@ -312,30 +333,34 @@ def sample_tokens_reference(logits: torch.Tensor, temperature: torch.Tensor, top
     raced = scores.argmax(-1)
     # only when every kept score is -inf: the first kept token (what the kernel's lanes keep)
     raced = torch.where(keep.gather(1, raced[:, None])[:, 0], raced, keep.to(torch.int8).argmax(-1))
-    return torch.where(temperature > 0, raced, greedy_tokens_reference(x))
+    tokens = torch.where(temperature > 0, raced, greedy_tokens_reference(x))
+    return tokens if forced is None else torch.where(forced >= 0, forced.to(torch.int64), tokens)
 
 
-def greedy_tokens_reference(logits: torch.Tensor) -> torch.Tensor:
-    """torch.argmax per row (first maximum on ties)."""
-    return logits.float().argmax(-1)
+def greedy_tokens_reference(logits: torch.Tensor, *, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.argmax per row (first maximum on ties); rows with forced >= 0 take that token."""
+    tokens = logits.float().argmax(-1)
+    return tokens if forced is None else torch.where(forced >= 0, forced.to(torch.int64), tokens)
 
 
 # ---- static audit hook --------------------------------------------------------------------------------
 def audit_cases() -> list[dict]:
     """The kernel at moshika-vis shapes in bf16: text head (V = 32000, codebook 0) and an audio head
     (V = 2048, per-row codebook tensor), sampling and greedy variants; int_values are the integer
-    arguments of such a launch (contiguous [B, V] logits, contiguous per-row parameters and out)."""
+    arguments of such a launch (contiguous [B, V] logits, contiguous per-row parameters and out; forced, as
+    the runtime passes it, a column of its [B, 9] frame buffer)."""
     sig = {"logits_ptr": "*bf16", "stride_lb": "i32", "temp_ptr": "*fp32", "stride_t": "i32",
            "topk_ptr": "*i64", "stride_k": "i32", "seed_ptr": "*i64", "stride_s": "i32",
            "frame_ptr": "*i64", "stride_f": "i32", "cb_ptr": "*i64", "stride_cb": "i32", "cb_value": "i32",
-           "out_ptr": "*i64", "stride_o": "i32", "V": "i32"}
+           "forced_ptr": "*i64", "stride_fo": "i32", "out_ptr": "*i64", "stride_o": "i32", "V": "i32"}
     cases = []
     for name, V, greedy, per_row in (("text", 32000, False, False), ("audio", 2048, False, True),
                                      ("text_greedy", 32000, True, False)):
         block_r, num_warps = _launch_config(V)
         ones = {n: 1 for n in ("stride_t", "stride_k", "stride_s", "stride_f", "stride_cb", "stride_o")}
         cases.append({"name": f"sample_tokens_{name}", "fn": _sample_kernel, "signature": dict(sig),
-                      "constexprs": {"GREEDY": greedy, "CB_PER_ROW": per_row, "BLOCK_R": block_r},
-                      "int_values": {"stride_lb": V, "V": V, "cb_value": 0, **ones},
+                      "constexprs": {"GREEDY": greedy, "CB_PER_ROW": per_row, "HAS_FORCED": True,
+                                     "BLOCK_R": block_r},
+                      "int_values": {"stride_lb": V, "V": V, "cb_value": 0, "stride_fo": 9, **ones},
                       "num_warps": num_warps, "num_stages": _NUM_STAGES})
     return cases

@@ -1360,6 +1360,23 @@ def test_sampled_tokens_strided_inputs_and_bf16_logits():
     assert (out[:, :4] == NO_TOKEN).all() and (out[:, 5:] == NO_TOKEN).all()
 
 
+def test_forced_rows_take_their_token_and_the_others_are_drawn(gen):
+    """Teacher forcing per row: forced >= 0 is written as is (even where it is not the argmax), forced < 0
+    is drawn exactly as without forcing; for the sampler and for greedy, through a strided forced column."""
+    B, V = 7, 2048 + 5
+    logits = torch.randn(B, V, generator=gen) * 2
+    temperature, top_k, seed, frame = _row_params(B, V, gen)
+    table = torch.randint(0, V, (B, 3), generator=gen)
+    table[torch.tensor([0, 3, 4]), 1] = -1
+    forced = table[:, 1]
+    got = S.sample_tokens(logits, temperature, top_k, seed, frame, 2, forced=forced, out=_out(B))
+    free = S.sample_tokens_reference(logits, temperature, top_k, seed, frame, 2)
+    assert torch.equal(got, torch.where(forced >= 0, forced, free))
+    assert torch.equal(S.sample_tokens_reference(logits, temperature, top_k, seed, frame, 2, forced=forced), got)
+    greedy = S.greedy_tokens(logits, forced=forced, out=_out(B))
+    assert torch.equal(greedy, torch.where(forced >= 0, forced, logits.argmax(-1)))
+
+
 # ---- reproducibility per stream ----------------------------------------------------------------------
 def test_stream_draw_is_independent_of_batch_mates_and_position():
     g = torch.Generator().manual_seed(3)
@@ -1480,6 +1497,8 @@ def _good(B=3, V=37):
     ("codebook", True, TypeError),
     ("codebook", torch.zeros(2, dtype=torch.int64), ValueError),
     ("codebook", torch.zeros(3), ValueError),
+    ("forced", torch.zeros(4, dtype=torch.int64), ValueError),
+    ("forced", torch.zeros(3), ValueError),
 ])
 def test_sampling_bad_inputs_name_the_argument(name, bad, err):
     kwargs = _good()
@@ -1673,11 +1692,13 @@ def test_frame_forced_tokens(gen):
     B = random_batch(gen)
     h = torch.randn(B, w.dim, generator=gen)
     forced = torch.randint(0, w.card, (B, 1 + w.steps), generator=gen)
-    forced[0, 2] = -1
+    forced[0, 2] = -1  # not forced: drawn (greedy here), and the next step reads the drawn token
     got_t, got_l = D.depformer_frame(w, h, forced[:, 0], nan_workspace(w, B), forced=forced, fused=False,
                                      num_programs=2)
     want_t, want_l = D.depformer_frame_reference(w, h, forced[:, 0], forced=forced)
-    assert torch.equal(got_t, forced[:, 1:])
+    assert torch.equal(got_t, want_t)
+    keep = forced[:, 1:] >= 0
+    assert torch.equal(got_t[keep], forced[:, 1:][keep]) and got_t[0, 1] == want_l[0, 1].argmax()
     torch.testing.assert_close(got_l, want_l, **FP32)
 
 
