@@ -23,7 +23,7 @@ programs are resident) runs every phase, with a self-resetting grid barrier (ato
 between them. Not FUSED: one launch per phase, the same code. The Triton interpreter runs programs one
 after another, so there a fused launch must have a single program (a spin would never end).
 
-Stacked weight layout (bf16 or fp32, all one dtype, contiguous; S steps = 8, L layers):
+Stacked weight layout (contiguous; S steps = 8, L layers):
   depformer_in [S, dd, dim]            depformer_in.{s}.weight stacked over s
   text_emb     [text_rows, dd]         depformer_text_emb.weight
   audio_emb    [S - 1, audio_rows, dd] depformer_emb.{s}.weight stacked over s
@@ -33,9 +33,14 @@ Stacked weight layout (bf16 or fp32, all one dtype, contiguous; S steps = 8, L l
   linear_in    [L, S, 2 * hidden, dd]  gating.{s}.linear_in.weight stacked over l then s
   linear_out   [L, S, dd, hidden]      gating.{s}.linear_out.weight stacked over l then s
   audio_linears [S, card, dd]          audio_linears.{s}.weight stacked over s
+Dense: all bf16, fp16 or fp32, one dtype (norms: any float). INT8 (bitsandbytes row-wise): the six
+projections are int8 CB, each with `<name>_scale`, its fp32 SCB stacked the same way (the weight's shape
+without K), W = CB * SCB / 127; the tables and norms stay float. Int8 is converted in registers (exactly,
+to fp32 for the FMA path, to the compute dtype for tl.dot) and the row scales multiply the fp32 sums once,
+in each phase's epilogue, before residual and gate: (a CB^T) * SCB / 127, the model's INT8 linear.
 Activations between phases live in an fp32 workspace (x [B, dd], q [B, dd], g [B, hidden]) and the
-frame's K/V cache [L, 2, B, S, dd] (fp32 or the weights' dtype); matmul inputs are rounded to the
-weights' dtype (what the bf16 model does), products are accumulated in fp32.
+frame's K/V cache [L, 2, B, S, dd] (fp32 or 16-bit); matmul inputs are rounded to the compute dtype, the
+tables' (= the float weights'), what the 16-bit model does; products are accumulated in fp32.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from functools import lru_cache
 import torch
 
 from ._runtime import INTERPRET, cdiv, check_tensor, next_pow2, record_launch
+from .linear import _to_f32
 from .sampling import greedy_tokens, greedy_tokens_reference, sample_tokens, sample_tokens_reference
 
 import triton  # noqa: E402  (after _runtime: it sets TRITON_INTERPRET when there is no GPU)
@@ -86,19 +92,30 @@ def _tile(t, B, N, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _mac(acc, a, w_ptr, stride_wn, offs_n, mask_n, offs_k, mask_k, USE_DOT: tl.constexpr,
+def _mac(acc, a, w_ptr, stride_wn, offs_n, mask_n, offs_k, mask_k, CDT: tl.constexpr, USE_DOT: tl.constexpr,
          DOT_PRECISION: tl.constexpr):
-    """acc[m, n] += sum_k a[m, k] * w[n, k] for an fp32 chunk a [BM, BK]; a is rounded to w's dtype
-    first. USE_DOT: tensor cores (BM >= 16); else broadcast FMAs, cheaper for a handful of rows."""
+    """acc[m, n] += sum_k a[m, k] * w[n, k] for an fp32 chunk a [BM, BK]; a is rounded to the compute dtype
+    CDT first. w is float (CDT) or int8 (unscaled: the caller applies the row scales to the sum), converted
+    in registers: int8 -> CDT is exact for a 16-bit or fp32 CDT. USE_DOT: tensor cores (BM >= 16); else
+    broadcast FMAs, cheaper for a handful of rows."""
     if USE_DOT:
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
     else:
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        a = a.to(w.dtype).to(tl.float32)
-        acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        a = a.to(CDT).to(tl.float32)
+        acc += tl.sum(a[:, None, :] * _to_f32(w)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _scaled(acc, scale_ptr, offs_n, mask_n, HAS_SCALE: tl.constexpr):
+    """With INT8 weights, acc [BM, BN] times the rows' scales / 127 (W = CB * SCB / 127, applied once,
+    to the fp32 sums); else acc."""
+    if HAS_SCALE:
+        acc = acc * (tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0) / 127.0)[None, :]
     return acc
 
 
@@ -124,10 +141,11 @@ def _row_stats(a_ptr, stride_am, offs_m, mask_m, K, eps, BK: tl.constexpr):
 
 
 @triton.jit
-def _linear(a_ptr, stride_am, w_ptr, stride_wn, gate_rows, offs_m, mask_m, offs_n, mask_n, K,
-            alpha_ptr, eps, NORM: tl.constexpr, GATE: tl.constexpr, BK: tl.constexpr,
-            USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """A [BM, BN] tile of a W^T (and, with GATE, of a W2^T where W2 = the rows gate_rows + n of w).
+def _linear(a_ptr, stride_am, w_ptr, scale_ptr, stride_wn, gate_rows, offs_m, mask_m, offs_n, mask_n, K,
+            alpha_ptr, eps, NORM: tl.constexpr, GATE: tl.constexpr, BK: tl.constexpr, CDT: tl.constexpr,
+            HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A [BM, BN] tile of a W^T (and, with GATE, of a W2^T where W2 = the rows gate_rows + n of w), with
+    HAS_SCALE the int8 rows' scales (scale_ptr + n, and + gate_rows + n) applied.
 
     a [*, K] is read with .cg (it was written by other programs of this launch, so not from L1);
     NORM: a = var_norm(a, alpha) first (its statistics need a pass over the whole row).
@@ -144,39 +162,44 @@ def _linear(a_ptr, stride_am, w_ptr, stride_wn, gate_rows, offs_m, mask_m, offs_
         if NORM:
             alpha = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             a = a * alpha[None, :] * rstd[:, None]
-        acc = _mac(acc, a, w_ptr, stride_wn, offs_n, mask_n, offs_k, mask_k, USE_DOT, DOT_PRECISION)
+        acc = _mac(acc, a, w_ptr, stride_wn, offs_n, mask_n, offs_k, mask_k, CDT, USE_DOT, DOT_PRECISION)
         if GATE:
             acc2 = _mac(acc2, a, w_ptr + gate_rows * stride_wn, stride_wn, offs_n, mask_n, offs_k, mask_k,
-                        USE_DOT, DOT_PRECISION)
+                        CDT, USE_DOT, DOT_PRECISION)
+    acc = _scaled(acc, scale_ptr, offs_n, mask_n, HAS_SCALE)
+    if GATE:
+        acc2 = _scaled(acc2, scale_ptr + gate_rows, offs_n, mask_n, HAS_SCALE)
     return acc, acc2
 
 
 @triton.jit
-def _attention_head(q_ptr, k_ptr, v_ptr, stride_cb, offs_m, mask_m, head, step, sm_scale,
-                    DD: tl.constexpr, HEAD_DIM: tl.constexpr, BD: tl.constexpr):
-    """softmax(q.K_j * sm_scale) over cache entries j = 0..step, times V, for one head: [BM, BD] fp32.
+def _attention_heads(q_ptr, k_ptr, v_ptr, stride_cb, offs_m, mask_m, head0, step, sm_scale,
+                     DD: tl.constexpr, HEAD_DIM: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr):
+    """softmax(q.K_j * sm_scale) over cache entries j = 0..step, times V, for the HB heads head0.. :
+    [BM, HB * BD] fp32, head head0 + i in columns i * BD .. (i + 1) * BD (zeros past HEAD_DIM).
 
     q [B, DD] fp32; K/V rows b at k_ptr/v_ptr + b * stride_cb + j * DD (entry j). Online softmax over
     the <= 8 entries keeps one entry in registers at a time.
     """
-    offs_d = head * HEAD_DIM + tl.arange(0, BD)
-    mask = mask_m[:, None] & (tl.arange(0, BD) < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + offs_m[:, None] * DD + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    row = offs_m.to(tl.int64)[:, None] * stride_cb + offs_d[None, :]
-    m_i = tl.full([offs_m.shape[0]], float("-inf"), tl.float32)
-    l_i = tl.zeros([offs_m.shape[0]], tl.float32)
-    acc = tl.zeros([offs_m.shape[0], BD], tl.float32)
+    offs_d = tl.arange(0, BD)
+    cols = (head0 + tl.arange(0, HB))[:, None] * HEAD_DIM + offs_d[None, :]  # [HB, BD]
+    mask = mask_m[:, None, None] & (offs_d < HEAD_DIM)[None, None, :]
+    q = tl.load(q_ptr + offs_m[:, None, None] * DD + cols[None, :, :], mask=mask, other=0.0, cache_modifier=".cg")
+    row = offs_m.to(tl.int64)[:, None, None] * stride_cb + cols[None, :, :]
+    m_i = tl.full([offs_m.shape[0], HB], float("-inf"), tl.float32)
+    l_i = tl.zeros([offs_m.shape[0], HB], tl.float32)
+    acc = tl.zeros([offs_m.shape[0], HB, BD], tl.float32)
     for j in range(0, step + 1):
         kj = tl.load(k_ptr + row + j * DD, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        s = tl.sum(q * kj, axis=1) * sm_scale
+        s = tl.sum(q * kj, axis=2) * sm_scale
         m_new = tl.maximum(m_i, s)
         c = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
         vj = tl.load(v_ptr + row + j * DD, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        acc = acc * c[:, None] + p[:, None] * vj
+        acc = acc * c[:, :, None] + p[:, :, None] * vj
         l_i = l_i * c + p
         m_i = m_new
-    return acc / l_i[:, None]
+    return tl.reshape(acc / l_i[:, :, None], [offs_m.shape[0], HB * BD])
 
 
 # ---- the kernel ----------------------------------------------------------------------------------
@@ -185,19 +208,23 @@ def _depformer_step_kernel(
     h_ptr, stride_hb, prev_ptr, stride_pb,
     w_in_ptr, text_emb_ptr, text_rows, audio_emb_ptr, audio_rows,
     norm1_ptr, norm2_ptr, w_qkv_ptr, w_o_ptr, w_lin_in_ptr, w_lin_out_ptr, w_head_ptr,
+    s_in_ptr, s_qkv_ptr, s_o_ptr, s_lin_in_ptr, s_lin_out_ptr, s_head_ptr,
     x_ptr, q_ptr, g_ptr, cache_ptr, logits_ptr, stride_lb, sync_ptr,
     B, step, num_layers, phase_lo, phase_hi, eps, sm_scale,
     DIM: tl.constexpr, DD: tl.constexpr, HID: tl.constexpr, CARD: tl.constexpr, STEPS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
     BN_IN: tl.constexpr, BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_FI: tl.constexpr,
-    BN_FO: tl.constexpr, BN_HEAD: tl.constexpr, BK_IN: tl.constexpr, BK_DD: tl.constexpr,
-    BK_HID: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr,
+    BN_FO: tl.constexpr, BN_HEAD: tl.constexpr, BK_IN: tl.constexpr, BK_QKV: tl.constexpr,
+    BK_FI: tl.constexpr, BK_FO: tl.constexpr, BK_HEAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr,
 ):
     """Phases [phase_lo, phase_hi) of codebook step `step` for B streams (phases: module docstring).
 
     h [B, DIM] (row stride stride_hb), prev [B] int tokens; weights in the stacked layout of the module
-    docstring (contiguous, selected by `step` and the layer here, on the device); workspace x, q [B, DD],
-    g [B, HID] fp32, cache [L, 2, B, STEPS, DD]; logits [B, CARD] (row stride stride_lb); sync int32 [2].
+    docstring (contiguous, selected by `step` and the layer here, on the device): float, or with HAS_SCALE
+    the six projections int8 and s_* their fp32 row scales (the weight's shape minus K); matmul inputs are
+    rounded to the tables' dtype. Workspace x, q [B, DD], g [B, HID] fp32, cache [L, 2, B, STEPS, DD];
+    logits [B, CARD] (row stride stride_lb); sync int32 [2].
     Every program walks the tiles of each phase with stride num_programs (a persistent grid).
     """
     pid = tl.program_id(0)
@@ -205,6 +232,7 @@ def _depformer_step_kernel(
     n_m = tl.cdiv(B, BM)
     k64 = step.to(tl.int64)
     cache_layer = 2 * B * STEPS * DD  # elements per layer of the cache
+    cdt = text_emb_ptr.dtype.element_ty  # the compute dtype: the weights' own when they are float
     for p in range(phase_lo, phase_hi):
         if p == 0:  # x = h Win[k]^T + E_k(prev)
             w = w_in_ptr + k64 * DD * DIM
@@ -216,8 +244,8 @@ def _depformer_step_kernel(
                 rows = audio_rows
             for t in range(pid, n_m * tl.cdiv(DD, BN_IN), nprog):
                 offs_m, mask_m, offs_n, mask_n = _tile(t, B, DD, BM, BN_IN)
-                acc, _ = _linear(h_ptr, stride_hb, w, DIM, 0, offs_m, mask_m, offs_n, mask_n, DIM, norm1_ptr,
-                                 eps, False, False, BK_IN, USE_DOT, DOT_PRECISION)
+                acc, _ = _linear(h_ptr, stride_hb, w, s_in_ptr + k64 * DD, DIM, 0, offs_m, mask_m, offs_n, mask_n,
+                                 DIM, norm1_ptr, eps, False, False, BK_IN, cdt, HAS_SCALE, USE_DOT, DOT_PRECISION)
                 tok = tl.load(prev_ptr + offs_m * stride_pb, mask=mask_m, other=-1).to(tl.int64)
                 valid = mask_m & (tok >= 0) & (tok < rows)
                 mask = mask_m[:, None] & mask_n[None, :]
@@ -228,8 +256,8 @@ def _depformer_step_kernel(
             w = w_head_ptr + k64 * CARD * DD
             for t in range(pid, n_m * tl.cdiv(CARD, BN_HEAD), nprog):
                 offs_m, mask_m, offs_n, mask_n = _tile(t, B, CARD, BM, BN_HEAD)
-                acc, _ = _linear(x_ptr, DD, w, DD, 0, offs_m, mask_m, offs_n, mask_n, DD, norm1_ptr, eps,
-                                 False, False, BK_DD, USE_DOT, DOT_PRECISION)
+                acc, _ = _linear(x_ptr, DD, w, s_head_ptr + k64 * CARD, DD, 0, offs_m, mask_m, offs_n, mask_n, DD,
+                                 norm1_ptr, eps, False, False, BK_HEAD, cdt, HAS_SCALE, USE_DOT, DOT_PRECISION)
                 tl.store(logits_ptr + offs_m[:, None] * stride_lb + offs_n[None, :],
                          acc.to(logits_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         else:
@@ -237,12 +265,14 @@ def _depformer_step_kernel(
             kind = (p - 1) % 4
             k_cache = cache_ptr + l64 * cache_layer
             v_cache = k_cache + B * STEPS * DD
+            ls = l64 * STEPS + k64  # (layer, step): the weights' matrix index
             if kind == 0:  # q, K_k, V_k = var_norm(x, norm1) Wqkv^T
-                w = w_qkv_ptr + (l64 * STEPS + k64) * 3 * DD * DD
+                w = w_qkv_ptr + ls * 3 * DD * DD
                 for t in range(pid, n_m * tl.cdiv(3 * DD, BN_QKV), nprog):
                     offs_m, mask_m, offs_n, mask_n = _tile(t, B, 3 * DD, BM, BN_QKV)
-                    acc, _ = _linear(x_ptr, DD, w, DD, 0, offs_m, mask_m, offs_n, mask_n, DD,
-                                     norm1_ptr + l64 * DD, eps, True, False, BK_DD, USE_DOT, DOT_PRECISION)
+                    acc, _ = _linear(x_ptr, DD, w, s_qkv_ptr + ls * 3 * DD, DD, 0, offs_m, mask_m, offs_n, mask_n,
+                                     DD, norm1_ptr + l64 * DD, eps, True, False, BK_QKV, cdt, HAS_SCALE, USE_DOT,
+                                     DOT_PRECISION)
                     mask = mask_m[:, None] & mask_n[None, :]
                     which = offs_n // DD  # 0 q, 1 k, 2 v
                     tl.store(q_ptr + offs_m[:, None] * DD + offs_n[None, :], acc,
@@ -252,33 +282,40 @@ def _depformer_step_kernel(
                           * (STEPS * DD) + k64 * DD + (offs_n - which * DD)[None, :])
                     tl.store(kv, acc.to(cache_ptr.dtype.element_ty), mask=mask & (which > 0)[None, :])
             elif kind == 1:  # x += attention Wo^T
-                w = w_o_ptr + (l64 * STEPS + k64) * DD * DD
+                w = w_o_ptr + ls * DD * DD
                 for t in range(pid, n_m * tl.cdiv(DD, BN_O), nprog):
                     offs_m, mask_m, offs_n, mask_n = _tile(t, B, DD, BM, BN_O)
                     acc = tl.zeros([BM, BN_O], tl.float32)
-                    for head in range(0, DD // HEAD_DIM):
-                        attn = _attention_head(q_ptr, k_cache, v_cache, STEPS * DD, offs_m, mask_m, head, step,
-                                               sm_scale, DD, HEAD_DIM, BD)
-                        offs_d = tl.arange(0, BD)
-                        acc = _mac(acc, attn, w + head * HEAD_DIM, DD, offs_n, mask_n, offs_d,
-                                   offs_d < HEAD_DIM, USE_DOT, DOT_PRECISION)
+                    # the Wo columns of HB heads at a time: head0 * HEAD_DIM + offs_k
+                    hk = tl.arange(0, HB * BD)
+                    if BD == HEAD_DIM:  # contiguous, which lets the weight loads be wide
+                        offs_k, mask_k = hk, hk < HB * HEAD_DIM
+                    else:
+                        offs_k, mask_k = (hk // BD) * HEAD_DIM + hk % BD, hk % BD < HEAD_DIM
+                    for head0 in range(0, DD // HEAD_DIM, HB):
+                        attn = _attention_heads(q_ptr, k_cache, v_cache, STEPS * DD, offs_m, mask_m, head0, step,
+                                                sm_scale, DD, HEAD_DIM, BD, HB)
+                        acc = _mac(acc, attn, w + head0 * HEAD_DIM, DD, offs_n, mask_n, offs_k, mask_k, cdt,
+                                   USE_DOT, DOT_PRECISION)
+                    acc = _scaled(acc, s_o_ptr + ls * DD, offs_n, mask_n, HAS_SCALE)
                     ptrs = x_ptr + offs_m[:, None] * DD + offs_n[None, :]
                     mask = mask_m[:, None] & mask_n[None, :]
                     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg") + acc, mask=mask)
             elif kind == 2:  # g = silu(y Wg^T) * (y Wu^T), y = var_norm(x, norm2)
-                w = w_lin_in_ptr + (l64 * STEPS + k64) * 2 * HID * DD
+                w = w_lin_in_ptr + ls * 2 * HID * DD
                 for t in range(pid, n_m * tl.cdiv(HID, BN_FI), nprog):
                     offs_m, mask_m, offs_n, mask_n = _tile(t, B, HID, BM, BN_FI)
-                    a, b = _linear(x_ptr, DD, w, DD, HID, offs_m, mask_m, offs_n, mask_n, DD,
-                                   norm2_ptr + l64 * DD, eps, True, True, BK_DD, USE_DOT, DOT_PRECISION)
+                    a, b = _linear(x_ptr, DD, w, s_lin_in_ptr + ls * 2 * HID, DD, HID, offs_m, mask_m, offs_n,
+                                   mask_n, DD, norm2_ptr + l64 * DD, eps, True, True, BK_FI, cdt, HAS_SCALE, USE_DOT,
+                                   DOT_PRECISION)
                     tl.store(g_ptr + offs_m[:, None] * HID + offs_n[None, :], a * tl.sigmoid(a) * b,
                              mask=mask_m[:, None] & mask_n[None, :])
             else:  # x += g Wd^T
-                w = w_lin_out_ptr + (l64 * STEPS + k64) * DD * HID
+                w = w_lin_out_ptr + ls * DD * HID
                 for t in range(pid, n_m * tl.cdiv(DD, BN_FO), nprog):
                     offs_m, mask_m, offs_n, mask_n = _tile(t, B, DD, BM, BN_FO)
-                    acc, _ = _linear(g_ptr, HID, w, HID, 0, offs_m, mask_m, offs_n, mask_n, HID, norm2_ptr,
-                                     eps, False, False, BK_HID, USE_DOT, DOT_PRECISION)
+                    acc, _ = _linear(g_ptr, HID, w, s_lin_out_ptr + ls * DD, HID, 0, offs_m, mask_m, offs_n, mask_n,
+                                     HID, norm2_ptr, eps, False, False, BK_FO, cdt, HAS_SCALE, USE_DOT, DOT_PRECISION)
                     ptrs = x_ptr + offs_m[:, None] * DD + offs_n[None, :]
                     mask = mask_m[:, None] & mask_n[None, :]
                     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg") + acc, mask=mask)
@@ -298,10 +335,9 @@ class StepConfig:
     use_dot: bool
     bm: int
     bn: dict  # phase name -> BN
-    bk_in: int
-    bk_dd: int
-    bk_hid: int
+    bk: dict  # phase name -> BK (not "o": its K chunks are hb heads of bd columns)
     bd: int
+    hb: int
     num_warps: int
     num_stages: int
 
@@ -320,31 +356,56 @@ def _pick_bn(n: int, m_tiles: int, nprog: int, lo: int, hi: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _step_config(B: int, dim: int, dd: int, hidden: int, card: int, head_dim: int, nprog: int) -> StepConfig:
+def _step_config(B: int, dim: int, dd: int, hidden: int, card: int, head_dim: int, nprog: int,
+                 int8: bool = False) -> StepConfig:
     """Block sizes for every phase from the shapes and the grid size (no autotuning on the hot path).
 
     Small B is weight-read-bound: BN is chosen per phase so the weight rows spread over all programs.
+    Dense weights: one BK for the phases that share a K. INT8 weights: BK per phase, at least 16 int8
+    (128 bits) per thread along K in each weight tile, and as many bytes per FMA-path tile as bf16's;
+    the out-projection takes hb heads per K chunk for the same reason.
     """
     use_dot = B > _GEMV_MAX_B
     if use_dot:
         bm = 16 if B <= 16 else (32 if B <= 32 else 64)
         bn_lo, bn_hi = 16, 64
+        num_warps, num_stages = 8, 2
     else:
         bm = next_pow2(B)
         bn_lo, bn_hi = 4, 32
+        num_warps, num_stages = 4, 1
     m_tiles = cdiv(B, bm)
     bn = {name: _pick_bn(n, m_tiles, nprog, bn_lo, bn_hi)
           for name, n in (("in", dd), ("qkv", 3 * dd), ("o", dd), ("ffn_in", hidden), ("ffn_out", dd),
                           ("head", card))}
+    wide = 16 * 32 * num_warps  # weight elements per tile for 16 int8 (128 bits) per thread
 
-    def bk(K: int, bn_max: int) -> int:
+    def bk(K: int, n: int) -> int:
+        """BK for [n, BK] weight tiles over K columns."""
         if use_dot:
-            return max(16, min(64, next_pow2(K)))
-        return max(16, min(512, next_pow2(K), _GEMV_PRODUCTS // (bm * bn_max)))
+            b = max(64, wide // n) if int8 else 64
+        elif int8:  # 128-bit loads, and as many bytes per tile as bf16 (twice the products)
+            b = max(wide // n, min(1024, 2 * _GEMV_PRODUCTS // (bm * n)))
+        else:
+            b = min(512, _GEMV_PRODUCTS // (bm * n))
+        return max(16, min(b, next_pow2(K)))
 
-    return StepConfig(use_dot, bm, bn, bk(dim, bn["in"]), bk(dd, max(bn["qkv"], bn["ffn_in"], bn["head"])),
-                      bk(hidden, bn["ffn_out"]), max(16, next_pow2(head_dim)), num_warps=8 if use_dot else 4,
-                      num_stages=2 if use_dot else 1)
+    n_dd = max(bn["qkv"], bn["ffn_in"], bn["head"])  # dense: one BK for the phases with K = dd, as before
+    bks = {"in": bk(dim, bn["in"]), "ffn_out": bk(hidden, bn["ffn_out"]),
+           **{name: bk(dd, bn[name] if int8 else n_dd) for name in ("qkv", "ffn_in", "head")}}
+    bd = max(16, next_pow2(head_dim))
+    hb = 1
+    while int8 and bn["o"] * hb * bd < wide and (dd // head_dim) % (2 * hb) == 0:
+        hb *= 2
+    return StepConfig(use_dot, bm, bn, bks, bd, hb, num_warps=num_warps, num_stages=num_stages)
+
+
+def _meta(cfg: StepConfig) -> dict:
+    """The kernel's block-size constexprs."""
+    return dict(BD=cfg.bd, HB=cfg.hb, BM=cfg.bm, BN_IN=cfg.bn["in"], BN_QKV=cfg.bn["qkv"], BN_O=cfg.bn["o"],
+                BN_FI=cfg.bn["ffn_in"], BN_FO=cfg.bn["ffn_out"], BN_HEAD=cfg.bn["head"], BK_IN=cfg.bk["in"],
+                BK_QKV=cfg.bk["qkv"], BK_FI=cfg.bk["ffn_in"], BK_FO=cfg.bk["ffn_out"], BK_HEAD=cfg.bk["head"],
+                USE_DOT=cfg.use_dot)
 
 
 @lru_cache(maxsize=None)
@@ -355,7 +416,13 @@ def _sm_count(device: torch.device) -> int:
 # ---- weights and workspace -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class DepformerWeights:
-    """The depformer's weights stacked over steps and layers (layout: module docstring)."""
+    """The depformer's weights stacked over steps and layers (layout: module docstring).
+
+    Dense: every tensor float, one dtype (norms: any float), no scales. INT8 (bitsandbytes row-wise): the
+    six projections (`PROJECTIONS`) are int8 CB, each with `<name>_scale`, its fp32 SCB stacked the same
+    way (the weight's shape without the last, K, dimension), W = CB * SCB / 127; the embedding tables
+    stay float and their dtype is the compute dtype (what matmul inputs are rounded to).
+    """
     depformer_in: torch.Tensor
     text_emb: torch.Tensor
     audio_emb: torch.Tensor
@@ -367,6 +434,12 @@ class DepformerWeights:
     linear_out: torch.Tensor
     audio_linears: torch.Tensor
     num_heads: int
+    depformer_in_scale: torch.Tensor | None = None    # [S, dd]
+    in_proj_scale: torch.Tensor | None = None         # [L, S * 3 * dd]
+    out_proj_scale: torch.Tensor | None = None        # [L, S * dd]
+    linear_in_scale: torch.Tensor | None = None       # [L, S, 2 * hidden]
+    linear_out_scale: torch.Tensor | None = None      # [L, S, dd]
+    audio_linears_scale: torch.Tensor | None = None   # [S, card]
 
     @property
     def steps(self) -> int:
@@ -396,12 +469,25 @@ class DepformerWeights:
     def head_dim(self) -> int:
         return self.dd // self.num_heads
 
+    @property
+    def quantized(self) -> bool:
+        """INT8 projections with row scales."""
+        return self.depformer_in.dtype == torch.int8
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What matmul inputs are rounded to: the float weights' dtype (the embedding tables')."""
+        return self.text_emb.dtype
+
     def validate(self) -> None:
-        """Shapes consistent with the stacked layout, one float dtype (norms: any float), contiguous, one device."""
-        check_tensor(self.depformer_in, "depformer_in", 3, _WEIGHT_DTYPES)
-        dtype, dev = self.depformer_in.dtype, self.depformer_in.device
+        """Shapes consistent with the stacked layout, contiguous, one device; dtypes and scales as in the
+        class docstring (dense: one float dtype; INT8: int8 projections, fp32 scales, float tables)."""
+        check_tensor(self.depformer_in, "depformer_in", 3, (torch.int8, *_WEIGHT_DTYPES))
+        dev, quantized = self.depformer_in.device, self.quantized
+        check_tensor(self.text_emb, "text_emb", 2, _WEIGHT_DTYPES, dev)
+        dtype, like = (self.text_emb.dtype, "text_emb") if quantized else (self.depformer_in.dtype, "depformer_in")
         for name, dims in _WEIGHT_RANKS.items():
-            check_tensor(getattr(self, name), name, dims, _WEIGHT_DTYPES, dev)
+            check_tensor(getattr(self, name), name, dims, (torch.int8, *_WEIGHT_DTYPES), dev)
         S, dd, dim = self.depformer_in.shape
         L, H, C = self.norm1.shape[0], self.linear_out.shape[3], self.audio_linears.shape[1]
         T, A = self.text_emb.shape[0], self.audio_emb.shape[1]
@@ -412,10 +498,32 @@ class DepformerWeights:
             t = getattr(self, name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)} (stacked layout), got {list(t.shape)}")
-            if t.dtype != dtype and name not in ("norm1", "norm2"):
-                raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype} like depformer_in")
+            if name in ("norm1", "norm2"):
+                if t.dtype not in _WEIGHT_DTYPES:
+                    raise ValueError(f"{name} must be float, got {t.dtype}")
+            elif quantized and name in PROJECTIONS:
+                if t.dtype != torch.int8:
+                    raise ValueError(f"{name} has dtype {t.dtype}, expected torch.int8 like depformer_in (INT8 "
+                                     f"weights: all of {list(PROJECTIONS)} int8, with scales)")
+            elif t.dtype != dtype:
+                raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype} like {like}")
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous (the kernel computes its strides from the shape)")
+        for name in PROJECTIONS:
+            scale, key = getattr(self, f"{name}_scale"), f"{name}_scale"
+            if not quantized:
+                if scale is not None:
+                    raise ValueError(f"{key} given for a dense ({self.depformer_in.dtype}) {name}: scales are "
+                                     f"only for int8 weights")
+                continue
+            shape = want[name][:-1]
+            if scale is None:
+                raise ValueError(f"{key} is missing: int8 {name} needs its fp32 row scales (bitsandbytes' SCB) "
+                                 f"of shape {list(shape)}")
+            check_tensor(scale, key, len(shape), (torch.float32,), dev)
+            if tuple(scale.shape) != shape or not scale.is_contiguous():
+                raise ValueError(f"{key} must be contiguous with shape {list(shape)} (one scale per row of {name}), "
+                                 f"got {list(scale.shape)}")
         if min(S - 1, dd - 1, dim, L, H, C, T, A) < 1:
             raise ValueError(f"degenerate depformer weights: steps {S}, dd {dd}, dim {dim}, layers {L}, "
                              f"hidden {H}, card {C}, text rows {T}, audio rows {A}")
@@ -423,6 +531,7 @@ class DepformerWeights:
             raise ValueError(f"num_heads {self.num_heads} must divide the depformer dim {dd}")
 
 
+PROJECTIONS = ("depformer_in", "in_proj", "out_proj", "linear_in", "linear_out", "audio_linears")
 _WEIGHT_RANKS = {"text_emb": 2, "audio_emb": 3, "norm1": 2, "norm2": 2, "in_proj": 3, "out_proj": 3,
                  "linear_in": 4, "linear_out": 4, "audio_linears": 3}
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -472,17 +581,17 @@ def _check_workspace(ws: DepformerWorkspace, w: DepformerWeights, B: int) -> Non
 def _launch(w: DepformerWeights, step: int, h, prev, ws, out, phase_lo: int, phase_hi: int, fused: bool,
             nprog: int) -> None:
     B = h.shape[0]
-    cfg = _step_config(B, w.dim, w.dd, w.hidden, w.card, w.head_dim, nprog)
+    cfg = _step_config(B, w.dim, w.dd, w.hidden, w.card, w.head_dim, nprog, w.quantized)
+    # dense weights have no scales: their pointers are never read, the weights stand in for them
+    scales = [getattr(w, f"{name}_scale") if w.quantized else getattr(w, name) for name in PROJECTIONS]
     _depformer_step_kernel[(nprog,)](
         h, h.stride(0), prev, prev.stride(0),
         w.depformer_in, w.text_emb, w.text_emb.shape[0], w.audio_emb, w.audio_emb.shape[1],
-        w.norm1, w.norm2, w.in_proj, w.out_proj, w.linear_in, w.linear_out, w.audio_linears,
+        w.norm1, w.norm2, w.in_proj, w.out_proj, w.linear_in, w.linear_out, w.audio_linears, *scales,
         ws.x, ws.q, ws.g, ws.cache, out, out.stride(0), ws.sync,
         B, step, w.num_layers, phase_lo, phase_hi, EPS, w.head_dim ** -0.5,
-        DIM=w.dim, DD=w.dd, HID=w.hidden, CARD=w.card, STEPS=w.steps, HEAD_DIM=w.head_dim, BD=cfg.bd,
-        BM=cfg.bm, BN_IN=cfg.bn["in"], BN_QKV=cfg.bn["qkv"], BN_O=cfg.bn["o"], BN_FI=cfg.bn["ffn_in"],
-        BN_FO=cfg.bn["ffn_out"], BN_HEAD=cfg.bn["head"], BK_IN=cfg.bk_in, BK_DD=cfg.bk_dd, BK_HID=cfg.bk_hid,
-        USE_DOT=cfg.use_dot, DOT_PRECISION="ieee" if w.depformer_in.dtype == torch.float32 else "tf32",
+        DIM=w.dim, DD=w.dd, HID=w.hidden, CARD=w.card, STEPS=w.steps, HEAD_DIM=w.head_dim, **_meta(cfg),
+        HAS_SCALE=w.quantized, DOT_PRECISION="ieee" if w.compute_dtype == torch.float32 else "tf32",
         FUSED=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_cooperative_grid=fused)
 
 
@@ -599,32 +708,40 @@ def _var_norm(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return x * alpha.float() * torch.rsqrt(x.var(-1, unbiased=True, keepdim=True) + EPS)
 
 
+def _project(w: DepformerWeights, name: str, index: tuple, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for the matrix W = w.<name>[index]: dense, or int8 as the model's INT8 linear has it, the
+    row scales after the sum: (x @ CB^T) * SCB / 127, SCB = w.<name>_scale[index] (scales drop only K)."""
+    y = x @ getattr(w, name)[index].float().T
+    scale = getattr(w, f"{name}_scale")
+    return y if scale is None else y * (scale[index] / 127)
+
+
 def depformer_input_reference(w: DepformerWeights, step: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """depformer_in[step](h) + E_step(prev), ids outside the table -> zeros: [B, dd] fp32."""
     table = (w.text_emb if step == 0 else w.audio_emb[step - 1]).float()
     valid = (prev >= 0) & (prev < table.shape[0])
     e = torch.where(valid[:, None], table[prev.long().clamp(0, table.shape[0] - 1)], 0.0)
-    return h.float() @ w.depformer_in[step].float().T + e
+    return _project(w, "depformer_in", (step,), h.float()) + e
 
 
 def depformer_attention_reference(w: DepformerWeights, layer: int, step: int, x: torch.Tensor,
                                   cache: torch.Tensor) -> torch.Tensor:
     """x + out_proj(attention) of layer `layer`; writes K/V entry `step` of cache [L, 2, B, S, dd]."""
     B, dd, H = x.shape[0], w.dd, w.num_heads
-    wqkv = w.in_proj[layer, 3 * dd * step: 3 * dd * (step + 1)].float()
-    q, k, v = (_var_norm(x, w.norm1[layer]) @ wqkv.T).split(dd, dim=-1)
+    qkv_rows = (layer, slice(3 * dd * step, 3 * dd * (step + 1)))
+    q, k, v = _project(w, "in_proj", qkv_rows, _var_norm(x, w.norm1[layer])).split(dd, dim=-1)
     cache[layer, 0, :, step], cache[layer, 1, :, step] = k, v
     keys = cache[layer, 0, :, : step + 1].float().view(B, step + 1, H, -1)
     values = cache[layer, 1, :, : step + 1].float().view(B, step + 1, H, -1)
     scores = torch.einsum("bhd,bthd->bht", q.view(B, H, -1), keys) / (dd // H) ** 0.5
     attn = torch.einsum("bht,bthd->bhd", scores.softmax(-1), values).reshape(B, dd)
-    return x + attn @ w.out_proj[layer, dd * step: dd * (step + 1)].float().T
+    return x + _project(w, "out_proj", (layer, slice(dd * step, dd * (step + 1))), attn)
 
 
 def depformer_ffn_reference(w: DepformerWeights, layer: int, step: int, x: torch.Tensor) -> torch.Tensor:
     """x + linear_out(silu(u[:hidden]) * u[hidden:]), u = linear_in(var_norm(x, norm2))."""
-    gate, up = (_var_norm(x, w.norm2[layer]) @ w.linear_in[layer, step].float().T).chunk(2, dim=-1)
-    return x + (torch.nn.functional.silu(gate) * up) @ w.linear_out[layer, step].float().T
+    gate, up = _project(w, "linear_in", (layer, step), _var_norm(x, w.norm2[layer])).chunk(2, dim=-1)
+    return x + _project(w, "linear_out", (layer, step), torch.nn.functional.silu(gate) * up)
 
 
 def depformer_step_reference(w: DepformerWeights, step: int, h: torch.Tensor, prev: torch.Tensor,
@@ -635,7 +752,7 @@ def depformer_step_reference(w: DepformerWeights, step: int, h: torch.Tensor, pr
     for layer in range(w.num_layers):
         x = depformer_attention_reference(w, layer, step, x, cache)
         x = depformer_ffn_reference(w, layer, step, x)
-    return x @ w.audio_linears[step].float().T
+    return _project(w, "audio_linears", (step,), x)
 
 
 def depformer_frame_reference(w: DepformerWeights, h: torch.Tensor, text: torch.Tensor, *,
@@ -658,11 +775,14 @@ def depformer_frame_reference(w: DepformerWeights, h: torch.Tensor, text: torch.
 
 
 # ---- static audit hook --------------------------------------------------------------------------------
-def _signature() -> dict:
+def _signature(int8: bool) -> dict:
     sig = {}
-    for name in ("h_ptr", "prev_ptr", "w_in_ptr", "text_emb_ptr", "audio_emb_ptr", "norm1_ptr", "norm2_ptr",
-                 "w_qkv_ptr", "w_o_ptr", "w_lin_in_ptr", "w_lin_out_ptr", "w_head_ptr"):
+    for name in ("h_ptr", "text_emb_ptr", "audio_emb_ptr", "norm1_ptr", "norm2_ptr"):
         sig[name] = "*bf16"
+    for name in ("w_in_ptr", "w_qkv_ptr", "w_o_ptr", "w_lin_in_ptr", "w_lin_out_ptr", "w_head_ptr"):
+        sig[name] = "*i8" if int8 else "*bf16"
+    for name in ("s_in_ptr", "s_qkv_ptr", "s_o_ptr", "s_lin_in_ptr", "s_lin_out_ptr", "s_head_ptr"):
+        sig[name] = "*fp32" if int8 else "*bf16"  # dense: the weights stand in (never read)
     sig["prev_ptr"] = "*i64"
     for name in ("x_ptr", "q_ptr", "g_ptr", "cache_ptr", "logits_ptr"):
         sig[name] = "*fp32"
@@ -675,21 +795,23 @@ def _signature() -> dict:
 
 
 def audit_cases() -> list[dict]:
-    """The fused step at moshika-vis shapes in bf16 (dim 4096, dd 1024, hidden 2816, 16 heads x 64,
-    card 2048, 8 steps) on 132 SMs: B = 1 and 8 (FMA path), 17 and 256 (tl.dot path, 32- and 64-row tiles)."""
-    dim, dd, hidden, card, heads, steps = 4096, 1024, 2816, 2048, 16, 8
+    """The fused step at moshika-vis shapes (dim 4096, dd 1024, hidden 2816, 16 heads x 64, card 2048,
+    8 steps, 6 layers, 32001 text rows), bf16 activations and tables, dense bf16 or INT8 weights, on 132
+    SMs: B = 1 and 8 (FMA path), 17 and 256 (tl.dot path, 32- and 64-row tiles)."""
+    dim, dd, hidden, card, heads, steps, layers, text_rows = 4096, 1024, 2816, 2048, 16, 8, 6, 32001
     cases = []
-    for B in (1, 8, 17, 256):
-        cfg = _step_config(B, dim, dd, hidden, card, dd // heads, _DEFAULT_SMS)
-        constexprs = dict(
-            DIM=dim, DD=dd, HID=hidden, CARD=card, STEPS=steps, HEAD_DIM=dd // heads, BD=cfg.bd, BM=cfg.bm,
-            BN_IN=cfg.bn["in"], BN_QKV=cfg.bn["qkv"], BN_O=cfg.bn["o"], BN_FI=cfg.bn["ffn_in"],
-            BN_FO=cfg.bn["ffn_out"], BN_HEAD=cfg.bn["head"], BK_IN=cfg.bk_in, BK_DD=cfg.bk_dd,
-            BK_HID=cfg.bk_hid, USE_DOT=cfg.use_dot, DOT_PRECISION="tf32", FUSED=True)
-        sig = _signature()
-        sig.update({name: "constexpr" for name in constexprs})
-        cases.append({"name": f"depformer_step_b{B}", "fn": _depformer_step_kernel, "signature": sig,
-                      "constexprs": constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                      # as depformer_frame launches it: h rows of 4096, logits rows of 8 x 2048
-                      "int_values": {"B": B, "stride_hb": dim, "stride_lb": steps * card}})
+    for int8 in (False, True):
+        for B in (1, 8, 17, 256):
+            cfg = _step_config(B, dim, dd, hidden, card, dd // heads, _DEFAULT_SMS, int8)
+            constexprs = dict(DIM=dim, DD=dd, HID=hidden, CARD=card, STEPS=steps, HEAD_DIM=dd // heads,
+                              **_meta(cfg), HAS_SCALE=int8, DOT_PRECISION="tf32", FUSED=True)
+            sig = _signature(int8)
+            sig.update({name: "constexpr" for name in constexprs})
+            cases.append({"name": f"depformer_step{'_int8' if int8 else ''}_b{B}", "fn": _depformer_step_kernel,
+                          "signature": sig, "constexprs": constexprs, "num_warps": cfg.num_warps,
+                          "num_stages": cfg.num_stages,
+                          # as depformer_frame launches it: h rows of 4096, logits rows of 8 x 2048, int64
+                          # tokens of its [B, 8] buffer (step k > 0), the tables' rows
+                          "int_values": {"B": B, "stride_hb": dim, "stride_lb": steps * card, "stride_pb": steps,
+                                         "text_rows": text_rows, "audio_rows": card + 1, "num_layers": layers}})
     return cases
