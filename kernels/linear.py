@@ -398,26 +398,45 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class LinearWorkspace:
-    """Split-K scratch for `linear`, reusable by every call it is large enough for (one can serve all the
-    linears of a frame, e.g. captured in a CUDA graph): partials, fp32 (any content), and counters,
-    int32 arrival counters that must be zero when made; every call leaves them at zero. Calls sharing
-    one must run in stream order."""
+    """Scratch for `linear`, reusable by every call it is large enough for (one can serve all the linears
+    of a frame, e.g. captured in a CUDA graph): partials, fp32 (any content), and counters, int32 arrival
+    counters that must be zero when made (split-K; every call leaves them at zero); rstd, fp32 (any
+    content), the rows' norm statistics on the tl.dot path (None: allocated per call). Calls sharing one
+    must run in stream order."""
     partials: torch.Tensor
     counters: torch.Tensor
+    rstd: torch.Tensor | None = None
+
+    @staticmethod
+    def covering(workspaces, device) -> "LinearWorkspace | None":
+        """One new workspace as large as each of `workspaces` (None entries: calls that need none)."""
+        ws = [w for w in workspaces if w is not None]
+        if not ws:
+            return None
+        size = lambda name: max((getattr(w, name).numel() for w in ws if getattr(w, name) is not None),  # noqa: E731
+                                default=0)
+        rstd = size("rstd")
+        return LinearWorkspace(torch.empty(size("partials"), dtype=torch.float32, device=device),
+                               torch.zeros(size("counters"), dtype=torch.int32, device=device),
+                               torch.empty(rstd, dtype=torch.float32, device=device) if rstd else None)
 
 
-def linear_workspace(x: torch.Tensor, weight: torch.Tensor, *, epilogue: str = "none") -> LinearWorkspace | None:
-    """The scratch `linear(x, weight, ..., epilogue=epilogue)` needs, allocated on x's device, or None when
-    that call does not split K (it then needs none). Only x's shape, dtype and device matter."""
+def linear_workspace(x: torch.Tensor, weight: torch.Tensor, *, epilogue: str = "none", norm: str | None = None
+                     ) -> LinearWorkspace | None:
+    """The scratch `linear(x, weight, ..., epilogue=epilogue, norm=norm)` needs, allocated on x's device, or
+    None when that call needs none (no split-K, no norm on the tl.dot path). Only x's shape, dtype and
+    device matter."""
     gate = epilogue == "silu_gate"
     (M, K), n_w = x.shape, weight.shape[0]
     N = n_w // 2 if gate else n_w
-    cfg = _config(M, N, K, x.dtype, weight.dtype, gate, False, x.device)
-    if cfg.split_k == 1 or M == 0 or N == 0:
+    cfg = _config(M, N, K, x.dtype, weight.dtype, gate, norm is not None, x.device)
+    split, stats = cfg.split_k > 1, norm is not None and not cfg.gemv
+    if M == 0 or N == 0 or not (split or stats):
         return None
-    partials, counters = _split_needs(cfg, M, N, n_w)
+    partials, counters = _split_needs(cfg, M, N, n_w) if split else (0, 0)
     return LinearWorkspace(torch.empty(partials, dtype=torch.float32, device=x.device),
-                           torch.zeros(counters, dtype=torch.int32, device=x.device))
+                           torch.zeros(counters, dtype=torch.int32, device=x.device),
+                           torch.empty(M, dtype=torch.float32, device=x.device) if stats else None)
 
 
 def _split_scratch(workspace, cfg: LaunchConfig, M: int, N: int, n_w: int, device):
@@ -433,6 +452,17 @@ def _split_scratch(workspace, cfg: LaunchConfig, M: int, N: int, n_w: int, devic
             raise ValueError(f"workspace.{name} must be contiguous with at least {n} elements for this call, got "
                              f"shape {list(t.shape)} (see linear_workspace)")
     return workspace.partials[:need].view(cfg.split_k, M, n_w), workspace.counters[:tiles]
+
+
+def _rstd_scratch(workspace, M: int, device) -> torch.Tensor:
+    """rstd [M] fp32 for the statistics launch: a view of the workspace's, or a new tensor."""
+    if workspace is None or workspace.rstd is None:
+        return torch.empty(M, device=device, dtype=torch.float32)
+    check_tensor(workspace.rstd, "workspace.rstd", 1, (torch.float32,), device)
+    if workspace.rstd.numel() < M or workspace.rstd.stride(0) != 1:
+        raise ValueError(f"workspace.rstd must be contiguous with at least {M} elements for this call, got shape "
+                         f"{list(workspace.rstd.shape)} (see linear_workspace)")
+    return workspace.rstd[:M]
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -506,8 +536,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     epilogue "none": y [M, N_w]. epilogue "silu_gate" (SwiGLU's linear_in, N_w = 2h): with
     u = norm(x) @ W^T (+ bias), y [M, h] = silu(u[:, :h]) * u[:, h:]. residual [M, N] is added last;
     `out` [M, N] may be `residual` itself (in place) but must not overlap any other input.
-    workspace: split-K scratch (`linear_workspace`); without it, partials are allocated per call and the
-    arrival counters come from a per-device buffer of zeros. One launch (two on the tl.dot path with
+    workspace: scratch (`linear_workspace`); without it, split-K partials and norm statistics are allocated
+    per call and the arrival counters come from a per-device buffer of zeros. One launch (two on the tl.dot path with
     a norm), no host synchronisation.
     """
     check_tensor(x, "x", 2, _FLOATS)
@@ -581,7 +611,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     else:
         rstd = x
         if norm is not None:
-            rstd = torch.empty(M, device=device, dtype=torch.float32)
+            rstd = _rstd_scratch(workspace, M, device)
             _norm_stats_kernel[(M,)](x, rstd, M, K, float(norm_eps), x.stride(0), x.stride(1),
                                      NORM=norm, NORM_BLOCK_K=cfg.norm_block_k, num_warps=_NORM_NUM_WARPS)
             record_launch("linear.norm_stats")

@@ -21,8 +21,10 @@ split of each (stream, head) to finish (an arrival counter, `_arrival.last_arriv
 order, so the result does not depend on which split finishes last.
 
 Nothing is synchronised with the host (rows and positions stay on the device), so the launches can be
-captured in a CUDA graph. Rows must be distinct slots in [0, S) and positions >= 0: the engine
+captured in a CUDA graph. Rows must be distinct slots in [0, S) or -1 and positions >= 0: the engine
 guarantees it; the kernel cannot check it without a sync, and an out-of-range row writes out of bounds.
+A row of -1 is padding (a batch filled up to a captured size): it touches no cache and attends to its
+own token only.
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ def _self_attention_decode_kernel(
     b = tl.program_id(2)
     n_split = tl.num_programs(0)
     row = tl.load(rows_ptr + b * stride_rows).to(tl.int64)
+    valid = row >= 0  # row -1: padding, which reads and writes no cache
+    row = tl.maximum(row, 0)
     pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     dim = num_heads * HEAD_DIM
@@ -110,7 +114,7 @@ def _self_attention_decode_kernel(
     # The token of this call: attended from registers (never re-read), appended by split 0.
     k_new = _rope(q_ptr + dim, offs_d, pos_f, freq).to(qkv_ptr.dtype.element_ty).to(kv_ptr.dtype.element_ty)
     v_new = tl.load(q_ptr + 2 * dim + offs_d).to(kv_ptr.dtype.element_ty)
-    if split == 0:
+    if (split == 0) & valid:
         tl.store(k_base + new_idx * stride_kv_c + offs_d, k_new)
         tl.store(v_base + new_idx * stride_kv_c + offs_d, v_new)
 
@@ -122,7 +126,7 @@ def _self_attention_decode_kernel(
     acc = tl.where(seed[:, None], v_new.to(tl.float32)[None, :], 0.0)
 
     # Older positions: indices j < min(p, context), j != p % context.
-    n_old = tl.where(pos >= context, context, pos).to(tl.int32)
+    n_old = tl.where(valid, tl.where(pos >= context, context, pos), 0).to(tl.int32)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, n_old)
     for blk in range(start, end, BLOCK_N):
@@ -321,14 +325,16 @@ def self_attention_decode_reference(qkv: torch.Tensor, kv: torch.Tensor, rows: t
         return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).to(x.dtype)
 
     q, k = rope(q), rope(k)
-    kv[rows, 0, positions % context] = k.to(kv.dtype)
-    kv[rows, 1, positions % context] = v.to(kv.dtype)
-    keys, values = kv[rows].float().unbind(1)  # [B, context, H, D]
+    real = rows >= 0  # row -1: padding
+    kv[rows[real], 0, positions[real] % context] = k[real].to(kv.dtype)
+    kv[rows[real], 1, positions[real] % context] = v[real].to(kv.dtype)
+    keys, values = kv[rows.clamp(min=0)].float().unbind(1)  # [B, context, H, D]
     scores = torch.einsum("bhd,bthd->bht", q.float(), keys) / math.sqrt(D)
     # index j holds a window position once j <= p (all of them once the buffer has wrapped)
     visible = torch.arange(context, device=qkv.device)[None, :] <= positions[:, None]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     out = torch.einsum("bht,bthd->bhd", scores.softmax(-1), values)
+    out = torch.where(real[:, None, None], out, v.to(kv.dtype).float())  # padding sees its own token only
     return out.reshape(B, H * D).to(qkv.dtype)
 
 

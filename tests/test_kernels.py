@@ -109,6 +109,30 @@ def test_self_attention_decode_matches_reference(gen, H, D, ctx, splits, scenari
     assert torch.equal(kv_all[0], before[0])  # the other layer too
 
 
+@pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
+def test_self_attention_decode_padding_rows(gen, H, D, ctx, splits):
+    """Rows of -1 (a batch padded to a captured size) write no cache and attend to their own token only,
+    whatever their position; the real rows beside them are unaffected."""
+    B = int(torch.randint(3, 10, (1,), generator=gen))
+    S = B + 2
+    kv = torch.randn(S, 2, ctx, H, D, generator=gen)
+    before = kv.clone()
+    rows = torch.randperm(S, generator=gen)[:B]
+    pad = torch.rand(B, generator=gen) < 0.5
+    pad[0], pad[1] = True, False
+    rows[pad] = -1
+    positions = _positions("mixed", B, ctx, gen)
+    qkv = torch.randn(B, 3 * H * D, generator=gen)
+    kv_ref = kv.clone()
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions)
+    got = self_attention_decode(qkv, kv, rows, positions, out=torch.full((B, H * D), NAN))
+    torch.testing.assert_close(got, want, **FP32_TOL_temporal)
+    torch.testing.assert_close(got[pad], qkv[pad, 2 * H * D:], rtol=0, atol=0)  # softmax over one key: v
+    written = _written(kv.shape, rows[~pad], positions[~pad])
+    torch.testing.assert_close(kv.transpose(1, 2)[written], kv_ref.transpose(1, 2)[written], **FP32_TOL_temporal)
+    assert torch.equal(kv.transpose(1, 2)[~written], before.transpose(1, 2)[~written])
+
+
 def test_self_attention_decode_streaming_matches_model_reference(gen):
     """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
     the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
@@ -575,6 +599,28 @@ def test_one_workspace_serves_several_shapes(split):
         got = linear(**args, out=_nan_out(M, N), workspace=ws)
         torch.testing.assert_close(got, linear_reference(**args), **FP32_TOL_linear)
     assert ws is None or not ws.counters.any()
+
+
+def test_workspace_covering_a_frames_calls(split):
+    """LinearWorkspace.covering: one workspace for several calls (split-K partials and counters, norm
+    statistics on the tl.dot path), NaN-filled before each call, gives the bits of calls without one and
+    leaves its counters at zero."""
+    calls = [_problem_linear(7, 16, 300, 45, norm="rms"), _problem_linear(8, 1, 1000, 45, variant="gate_bias_residual"),
+             _problem_linear(9, 5, 200, 33, norm="var", variant="residual")]
+    need = [mod.linear_workspace(a["x"], a["weight"], epilogue=a["epilogue"], norm=a.get("norm")) for a in calls]
+    assert need[0] is not None and need[0].rstd.numel() == 16  # M = 16 takes the tl.dot path
+    ws = mod.LinearWorkspace.covering(need, "cpu")
+    assert ws.rstd.numel() == 16 and (ws.counters.numel() > 0) == split
+    for a in calls:
+        ws.partials.fill_(float("nan"))
+        ws.rstd.fill_(float("nan"))
+        M, N = a["x"].shape[0], a["weight"].shape[0] // (2 if a["epilogue"] == "silu_gate" else 1)
+        got = linear(**a, out=_nan_out(M, N), workspace=ws)
+        assert torch.equal(got, linear(**a, out=_nan_out(M, N)))
+        assert not ws.counters.any()
+    assert mod.LinearWorkspace.covering([None, None], "cpu") is None
+    with pytest.raises(ValueError, match="workspace.rstd"):
+        linear(**calls[0], workspace=mod.LinearWorkspace(ws.partials, ws.counters, ws.rstd[:3]))
 
 
 @pytest.mark.parametrize("weight", WEIGHTS)
@@ -1521,12 +1567,17 @@ def test_bad_out_names_the_argument(bad):
 #
 # On CPU the kernel runs in the Triton interpreter, in fp32: a fused launch there has one program (the
 # grid barrier's single-program case); the multi-launch mode runs several programs. bf16 and the fused
-# launch over every SM run only on a GPU.
+# launch over every SM run only on a GPU. INT8 weights (quantize_rowwise: CB int8 + SCB fp32) with fp32
+# activations are exact in fp32 too (|CB| <= 127), so they share the dense tolerance: the kernel and the
+# fp32 reference differ only in the order of fp32 sums (observed ~1e-6 on O(1) outputs).
 # ==================================================================================================
 FP32 = dict(atol=1e-4, rtol=1e-4)
 BF16 = dict(atol=5e-2, rtol=5e-2)
 # odd sizes: no dimension a multiple of a block; head_dim 12 is not a power of two
 SMALL = dict(dim=40, dd=24, heads=2, layers=2, hidden=44, card=37, text_rows=29, steps=8)
+# head_dim 16, a power of two: with INT8 weights the out-projection reads the Wo columns of 2 heads at a
+# time as one contiguous chunk (SMALL: 2 heads of 12 columns, padded to 16, in one chunk)
+POW2_HEADS = dict(SMALL, dd=96, heads=6, layers=1, steps=4)
 
 
 def random_weights(gen, *, dim, dd, heads, layers, hidden, card, text_rows, steps, dtype=torch.float32,
@@ -1565,14 +1616,30 @@ def random_batch(gen) -> int:
     return int(torch.randint(1, 10, (1,), generator=gen))
 
 
+def quantized(w: D.DepformerWeights) -> D.DepformerWeights:
+    """w with its six projections in INT8: quantize_rowwise per matrix row, scales stacked alike."""
+    q = {}
+    for name in D.PROJECTIONS:
+        t = getattr(w, name)
+        cb, scb = quantize_rowwise(t.reshape(-1, t.shape[-1]))
+        q[name], q[f"{name}_scale"] = cb.view(t.shape), scb.view(t.shape[:-1])
+    return dataclasses.replace(w, **q)
+
+
+def make_weights(gen, kind: str, shape=SMALL, **kwargs) -> D.DepformerWeights:
+    w = random_weights(gen, **shape, **kwargs)
+    return quantized(w) if kind == "int8" else w
+
+
 # ---- the pieces, one phase at a time ----------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["dense", "int8"])
 @pytest.mark.parametrize("path", ["fma", "dot"])
-def test_each_phase_matches_reference(gen, path):
+def test_each_phase_matches_reference(gen, path, weights):
     """Each phase run alone (not fused, 3 programs) from the state the previous one left, against the
     same piece in PyTorch; cache entries of later steps are NaN and must stay unread and unwritten."""
-    w = random_weights(gen, **SMALL)
+    w = make_weights(gen, weights)
     B = 9 if path == "dot" else int(torch.randint(1, 9, (1,), generator=gen))
-    assert D._step_config(B, w.dim, w.dd, w.hidden, w.card, w.head_dim, 3).use_dot == (path == "dot")
+    assert D._step_config(B, w.dim, w.dd, w.hidden, w.card, w.head_dim, 3, w.quantized).use_dot == (path == "dot")
     step = int(torch.randint(1, w.steps - 1, (1,), generator=gen))
     h = torch.randn(B, w.dim, generator=gen)
     prev = tokens(gen, B, w.card + 1)
@@ -1588,8 +1655,8 @@ def test_each_phase_matches_reference(gen, path):
         x, cache = ws.x.clone(), ws.cache.clone()
         run(p)
         want_x = D.depformer_attention_reference(w, layer, step, x, cache)  # also fills cache entry `step`
-        torch.testing.assert_close(ws.q, D._var_norm(x, w.norm1[layer]) @ w.in_proj[layer, 3 * w.dd * step:][:w.dd].T,
-                                   **FP32)
+        q_rows = (layer, slice(3 * w.dd * step, 3 * w.dd * step + w.dd))
+        torch.testing.assert_close(ws.q, D._project(w, "in_proj", q_rows, D._var_norm(x, w.norm1[layer])), **FP32)
         torch.testing.assert_close(ws.cache[layer, :, :, :step + 1], cache[layer, :, :, :step + 1], **FP32)
         assert ws.cache[layer + 1:, :, :, step].isnan().all() and ws.cache[:, :, :, step + 1:].isnan().all()
         run(p + 1)
@@ -1597,21 +1664,23 @@ def test_each_phase_matches_reference(gen, path):
 
         x = ws.x.clone()
         run(p + 2)
-        gate, up = (D._var_norm(x, w.norm2[layer]) @ w.linear_in[layer, step].T).chunk(2, dim=-1)
+        gate, up = D._project(w, "linear_in", (layer, step), D._var_norm(x, w.norm2[layer])).chunk(2, dim=-1)
         torch.testing.assert_close(ws.g, torch.nn.functional.silu(gate) * up, **FP32)
         run(p + 3)
         torch.testing.assert_close(ws.x, D.depformer_ffn_reference(w, layer, step, x), **FP32)
     x = ws.x.clone()
     run(D.num_phases(w) - 1)
-    torch.testing.assert_close(out, x @ w.audio_linears[step].T, **FP32)
+    torch.testing.assert_close(out, D._project(w, "audio_linears", (step,), x), **FP32)
 
 
 # ---- whole steps and frames ---------------------------------------------------------------------------
-@pytest.mark.parametrize("fused, programs", [(True, 1), (False, 3)])
-def test_steps_match_reference(gen, fused, programs):
+@pytest.mark.parametrize("weights, shape, fused, programs", [
+    ("dense", SMALL, True, 1), ("dense", SMALL, False, 3), ("int8", SMALL, True, 1), ("int8", SMALL, False, 3),
+    ("int8", POW2_HEADS, True, 1)], ids=["dense-fused", "dense-3", "int8-fused", "int8-3", "int8-pow2-heads"])
+def test_steps_match_reference(gen, fused, programs, weights, shape):
     """Every step of a frame (random previous tokens) against depformer_step_reference: logits and the
     K/V the step adds to the cache."""
-    w = random_weights(gen, **SMALL)
+    w = make_weights(gen, weights, shape)
     B = random_batch(gen)
     h = torch.randn(B, w.dim, generator=gen)
     ws = nan_workspace(w, B)
@@ -1625,9 +1694,10 @@ def test_steps_match_reference(gen, fused, programs):
         torch.testing.assert_close(ws.cache[:, :, :, :k + 1], cache[:, :, :, :k + 1], **FP32)
 
 
-def test_dot_path_step_with_int32_tokens_and_strided_h(gen):
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_dot_path_step_with_int32_tokens_and_strided_h(gen, weights):
     """B = 11 (the tl.dot path, a 16-row tile with 5 masked rows), h a column slice, prev int32."""
-    w = random_weights(gen, **{**SMALL, "steps": 3})
+    w = make_weights(gen, weights, {**SMALL, "steps": 3})
     B = 11
     h = torch.randn(B, w.dim + 7, generator=gen)[:, 3:3 + w.dim]
     ws = nan_workspace(w, B)
@@ -1653,14 +1723,17 @@ def test_bf16_cache(gen):
         torch.testing.assert_close(ws.cache[:, :, :, :k + 1], cache[:, :, :, :k + 1], **BF16)
 
 
-def test_frame_greedy_is_the_reference_argmax_chain(gen):
-    w = random_weights(gen, **SMALL)
+@pytest.mark.parametrize("weights, shape, fused, programs", [("dense", SMALL, True, 1),
+                                                             ("int8", {**SMALL, "steps": 4}, False, 2)])
+def test_frame_greedy_is_the_reference_argmax_chain(gen, weights, shape, fused, programs):
+    w = make_weights(gen, weights, shape)
     B = random_batch(gen)
     h = torch.randn(B, w.dim, generator=gen)
     text = torch.randint(0, w.text_emb.shape[0], (B,), generator=gen)
     logits = torch.full((B, w.steps, w.card), float("nan"))
     toks = torch.full((B, w.steps), -7, dtype=torch.int64)
-    got_t, got_l = D.depformer_frame(w, h, text, nan_workspace(w, B), logits_out=logits, tokens_out=toks)
+    got_t, got_l = D.depformer_frame(w, h, text, nan_workspace(w, B), logits_out=logits, tokens_out=toks,
+                                     fused=fused, num_programs=programs)
     want_t, want_l = D.depformer_frame_reference(w, h, text)
     assert got_t is toks and got_l is logits
     assert torch.equal(got_t, want_t)
@@ -1703,11 +1776,9 @@ def test_frame_forced_tokens(gen):
 
 
 # ---- Kyutai's keys: the golden tiny checkpoint ------------------------------------------------------------
-def test_golden_tiny_weights_match_moshivis_reference(gen, tiny_cfg, tiny_weights):
-    """The stacked layout reproduces moshivis.reference.depformer_step on Kyutai's keys, step by step,
-    K/V cache included ([L, B, 2, S, H, D] there, [L, 2, B, S, dd] here)."""
-    from moshivis.backends.triton import depformer_weights  # the runtime's stacking of Kyutai's keys
-    cfg, w = tiny_cfg, depformer_weights(dict(tiny_weights), tiny_cfg)
+def check_against_model_reference(gen, cfg, weights: dict, w: D.DepformerWeights) -> None:
+    """depformer_step on w, step by step, against moshivis.reference.depformer_step on Kyutai's keys
+    `weights`, K/V cache included ([L, B, 2, S, H, D] there, [L, 2, B, S, dd] here)."""
     B = random_batch(gen)
     h = torch.randn(B, cfg.dim, generator=gen)
     ws = nan_workspace(w, B)
@@ -1715,12 +1786,29 @@ def test_golden_tiny_weights_match_moshivis_reference(gen, tiny_cfg, tiny_weight
     prev = torch.randint(0, cfg.text_card + 1, (B,), generator=gen)
     prev[0] = -1
     for k in range(cfg.dep_q):
-        want = R.depformer_step(tiny_weights, cfg, k, h, prev, cache)
+        want = R.depformer_step(weights, cfg, k, h, prev, cache)
         got = D.depformer_step(w, k, h, prev, ws, out=torch.full((B, cfg.audio_card), float("nan")))
         torch.testing.assert_close(got, want, **FP32)
         theirs = cache.permute(0, 2, 1, 3, 4, 5).flatten(-2)[:, :, :, :k + 1]
         torch.testing.assert_close(ws.cache[:, :, :, :k + 1], theirs, **FP32)
         prev = want.argmax(-1)
+
+
+def test_golden_tiny_weights_match_moshivis_reference(gen, tiny_cfg, tiny_weights):
+    """The stacked layout reproduces moshivis.reference.depformer_step on Kyutai's keys."""
+    from moshivis.backends.triton import depformer_weights  # the runtime's stacking of Kyutai's keys
+    check_against_model_reference(gen, tiny_cfg, tiny_weights, depformer_weights(dict(tiny_weights), tiny_cfg))
+
+
+def test_golden_tiny_int8_weights_match_moshivis_reference(gen, tiny_cfg, tiny_weights):
+    """The INT8 checkpoint's depformer (moshivis.quantize: CB int8 + SCB), stacked by the runtime with each
+    SCB stacked like its weight, against moshivis.reference on the same quantized dict (its INT8 rule)."""
+    from moshivis.backends.triton import depformer_weights
+    from moshivis.quantize import quantize_weights
+    q = quantize_weights(dict(tiny_weights), tiny_cfg)
+    w = depformer_weights(dict(q), tiny_cfg)
+    assert w.quantized and w.in_proj.dtype == torch.int8 and w.in_proj_scale.shape == w.in_proj.shape[:2]
+    check_against_model_reference(gen, tiny_cfg, q, w)
 
 
 # ---- launches ------------------------------------------------------------------------------------------
@@ -1796,6 +1884,51 @@ def test_bad_inputs_raise_errors_naming_the_argument(gen):
         D.depformer_frame(w, h, prev, ws, temperature=torch.ones(B))
 
 
+def _int8_change(w: D.DepformerWeights, change: str) -> D.DepformerWeights:
+    if change == "missing scale":
+        return dataclasses.replace(w, in_proj_scale=None)
+    if change == "no scales":
+        return dataclasses.replace(w, **{f"{n}_scale": None for n in D.PROJECTIONS})
+    if change == "scale shape":
+        return dataclasses.replace(w, linear_in_scale=w.linear_in_scale[:, :, :-1])
+    if change == "scale dtype":
+        return dataclasses.replace(w, audio_linears_scale=w.audio_linears_scale.double())
+    if change == "scale strides":
+        return dataclasses.replace(w, audio_linears_scale=w.audio_linears_scale.T.contiguous().T)
+    if change == "one dense projection":
+        return dataclasses.replace(w, linear_out=w.linear_out.float())
+    if change == "table dtype":
+        return dataclasses.replace(w, audio_emb=w.audio_emb.to(torch.bfloat16))
+    dense = random_weights(torch.Generator().manual_seed(0), **{**SMALL, "steps": 2, "layers": 1})
+    if change == "scale with dense weight":
+        return dataclasses.replace(dense, in_proj_scale=w.in_proj_scale)
+    if change == "dense table dtype":
+        return dataclasses.replace(dense, text_emb=dense.text_emb.to(torch.bfloat16))
+    assert change == "one int8 projection"
+    return dataclasses.replace(dense, in_proj=w.in_proj)
+
+
+@pytest.mark.parametrize("change, match", [
+    ("missing scale", r"in_proj_scale is missing: int8 in_proj needs its fp32 row scales"),
+    ("no scales", r"depformer_in_scale is missing"),
+    ("scale shape", r"linear_in_scale must be contiguous with shape \[1, 2, 88\]"),
+    ("scale dtype", r"audio_linears_scale must have dtype in \['torch.float32'\]"),
+    ("scale strides", r"audio_linears_scale must be contiguous"),
+    ("one dense projection", r"linear_out has dtype torch.float32, expected torch.int8"),
+    ("table dtype", r"audio_emb has dtype torch.bfloat16, expected torch.float32 like text_emb"),
+    ("scale with dense weight", r"in_proj_scale given for a dense \(torch.float32\) in_proj"),
+    ("one int8 projection", r"in_proj has dtype torch.int8, expected torch.float32 like depformer_in"),
+    ("dense table dtype", r"text_emb has dtype torch.bfloat16, expected torch.float32 like depformer_in"),
+])
+def test_bad_int8_weights_raise_errors_naming_the_field(gen, change, match):
+    w = quantized(random_weights(gen, **{**SMALL, "steps": 2, "layers": 1}))
+    w.validate()
+    B = 2
+    h, prev, ws = torch.randn(B, w.dim), torch.zeros(B, dtype=torch.int64), D.depformer_workspace(w, B)
+    with pytest.raises(ValueError, match=match):
+        D.depformer_step(_int8_change(w, change), 0, h, prev, ws)
+
+
 # ---- GPU only: bf16 and the fused launch over every SM --------------------------------------------------
 gpu_depformer = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter's bf16 is unreliable "
                                                                "and it cannot run a multi-program grid barrier)")
@@ -1803,11 +1936,13 @@ MID = dict(dim=512, dd=256, heads=4, layers=3, hidden=700, card=300, text_rows=3
 
 
 @gpu_depformer
+@pytest.mark.parametrize("weights", ["dense", "int8"])
 @pytest.mark.parametrize("B", [1, 7, 40])
-def test_gpu_bf16_fused_matches_unfused_and_reference(gen, B):
-    """bf16 weights at a mid size, fused over every SM (grid barriers between phases): repeated launches
-    are bit-identical (no atomics on data), and agree with one launch per phase and with the reference."""
-    w = random_weights(gen, **MID, dtype=torch.bfloat16, device="cuda")
+def test_gpu_bf16_fused_matches_unfused_and_reference(gen, B, weights):
+    """bf16 weights (or INT8 ones with bf16 tables) at a mid size, fused over every SM (grid barriers
+    between phases): repeated launches are bit-identical (no atomics on data), and agree with one launch
+    per phase and with the reference."""
+    w = make_weights(gen, weights, MID, dtype=torch.bfloat16, device="cuda")
     h = torch.randn(B, w.dim, generator=gen).to("cuda", torch.bfloat16)
     ws_a, ws_b = D.depformer_workspace(w, B), D.depformer_workspace(w, B)
     cache = torch.zeros(w.num_layers, 2, B, w.steps, w.dd, device="cuda")
@@ -1868,3 +2003,100 @@ def test_rms_norm_matches_reference_and_model_norm(gen):
         rms_norm(x, alpha[..., :-1])
     with pytest.raises(ValueError, match=r"x must have 2 dimensions"):
         rms_norm(x[None], alpha)
+
+
+# ==================================================================================================
+# Delayed token streams (frame inputs in, delayed outputs out)
+# ==================================================================================================
+from moshivis_kernels import token_delays as TD  # noqa: E402
+
+SENTINEL = 99  # never a token, nor -1 / -2: unwritten outputs show
+
+
+def _delay_setup(gen, C=17, U=8, K=9):
+    delays = torch.randint(0, 4, (C,), generator=gen)
+    delays[0], delays[C - U] = 0, 0  # a delay-0 model row and user row (read back from registers)
+    max_delay = int(delays[:K].max())
+    delays[K:] = delays[K:].clamp(max=max_delay)
+    initial = torch.randint(100, 200, (C,), generator=gen)
+    return delays, initial, max_delay
+
+
+def test_token_delays_match_reference_with_padding(gen):
+    """Many frames of scattered streams (some rows padding) at mixed positions, wrap-arounds included:
+    kernels == references on the outputs and on the whole buffer after every call."""
+    C, U, K = 17, 8, 9
+    delays, initial, max_delay = _delay_setup(gen, C, U, K)
+    S, W = 7, max_delay + 2
+    buf = torch.randint(-2, 50, (S, C, W), generator=gen)
+    ref = buf.clone()
+    for frame in range(8):
+        B = int(torch.randint(1, 7, (1,), generator=gen))
+        rows = torch.randperm(S, generator=gen)[:B]
+        rows[torch.rand(B, generator=gen) < 0.3] = -1
+        positions = torch.randint(0, 3 * W, (B,), generator=gen)
+        user = torch.randint(-1, 40, (B, U), generator=gen)
+        got = TD.frame_input_tokens(buf, rows, positions, user, delays, initial,
+                                    out=torch.full((B, C), SENTINEL))
+        want = TD.frame_input_tokens_reference(ref, rows, positions, user, delays, initial)
+        assert torch.equal(got, want) and torch.equal(buf, ref), frame
+        tokens = torch.randint(0, 40, (B, K), generator=gen)
+        got = TD.frame_output_tokens(buf, rows, positions, tokens, delays, max_delay,
+                                     out=torch.full((B, K), SENTINEL))
+        want = TD.frame_output_tokens_reference(ref, rows, positions, tokens, delays, max_delay)
+        assert torch.equal(got, want) and torch.equal(buf, ref), frame
+        assert (got[rows < 0] == -2).all()
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_token_delays_are_kyutais_delays(gen, impl):
+    """One stream, frame by frame, against the definition (SPEC.md §7): the input of row j at frame t is
+    initial[j] while t <= d_j, else the user's token of frame t - d_j (user rows) or the model's token
+    of frame t - 1 (model rows); the output of row j after frame t is the model's token of frame
+    t - max_delay + d_j, or -2 before frame max_delay."""
+    C, U, K = 17, 8, 9
+    delays, initial, max_delay = _delay_setup(gen, C, U, K)
+    W = max_delay + 2
+    buf = torch.full((2, C, W), -2)
+    rows = torch.tensor([1])
+    fin = TD.frame_input_tokens if impl == "kernel" else TD.frame_input_tokens_reference
+    fout = TD.frame_output_tokens if impl == "kernel" else TD.frame_output_tokens_reference
+    users, models = [], []
+    for t in range(12):
+        pos = torch.tensor([t])
+        users.append(torch.randint(0, 40, (1, U), generator=gen))
+        got_in = fin(buf, rows, pos, users[-1], delays, initial)[0]
+        for j in range(C):
+            d = int(delays[j])
+            want = initial[j] if t <= d else (users[t - d][0, j - (C - U)] if j >= C - U else models[t - 1][0, j])
+            assert got_in[j] == want, (t, j)
+        models.append(torch.randint(0, 40, (1, K), generator=gen))
+        got_out = fout(buf, rows, pos, models[-1], delays, max_delay)[0]
+        for j in range(K):
+            src = t - max_delay + int(delays[j])
+            assert got_out[j] == (-2 if t + 1 <= max_delay else models[src][0, j]), (t, j)
+
+
+def test_token_delays_launches_and_bad_inputs(gen):
+    delays, initial, max_delay = _delay_setup(gen)
+    buf = torch.zeros(3, 17, max_delay + 2, dtype=torch.long)
+    rows, pos = torch.tensor([0, 2]), torch.tensor([4, 0])
+    user, tokens = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    with count_launches() as n:
+        TD.frame_input_tokens(buf, rows, pos, user, delays, initial)
+        TD.frame_output_tokens(buf, rows, pos, tokens, delays, max_delay)
+    assert n == {"frame_input_tokens": 1, "frame_output_tokens": 1}
+    bad_calls = [
+        ("buf", lambda: TD.frame_input_tokens(buf.int(), rows, pos, user, delays, initial)),
+        ("rows", lambda: TD.frame_input_tokens(buf, rows.int(), pos, user, delays, initial)),
+        ("positions", lambda: TD.frame_input_tokens(buf, rows, pos[:1], user, delays, initial)),
+        ("delays", lambda: TD.frame_input_tokens(buf, rows, pos, user, delays[:-1], initial)),
+        ("user", lambda: TD.frame_input_tokens(buf, rows, pos, user[:1], delays, initial)),
+        ("initial", lambda: TD.frame_input_tokens(buf, rows, pos, user, delays, initial[:3])),
+        ("out", lambda: TD.frame_input_tokens(buf, rows, pos, user, delays, initial, out=torch.zeros(2, 16).long())),
+        ("tokens", lambda: TD.frame_output_tokens(buf, rows, pos, tokens[:, :0], delays, max_delay)),
+        ("max_delay", lambda: TD.frame_output_tokens(buf, rows, pos, tokens, delays, max_delay + 2)),
+    ]
+    for name, call in bad_calls:
+        with pytest.raises(ValueError, match=name):
+            call()
