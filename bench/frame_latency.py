@@ -2,11 +2,12 @@
 
 python -m bench.frame_latency [--preset small|moshika-vis|tiny] [--backend torch triton]
        [--dtype float32|bfloat16] [--weights bf16|int8] [--batch 1 4 ...] [--frames N]
-       [--warmup N] [--device cpu|cuda] [--threads N] [--json PATH]
+       [--warmup N] [--device cpu|cuda] [--eager] [--threads N] [--json PATH]
 
 For each backend and batch size: B streams, each with its own image and seed, on seeded random
 weights, stepped frame by frame with Kyutai's default sampling. A frame is timed from the call to
-the tokens on the host. Prints p50/p90/p99/max, stream-frames per second, the memory roofline of a
+the tokens on the host (the triton backend replays one CUDA graph per frame on a GPU unless --eager).
+Prints p50/p90/p99/max, stream-frames per second, the memory roofline of a
 frame (bytes it must move over the measured copy bandwidth), kernel launches per frame and a
 per-phase breakdown (a separate pass that synchronises at phase boundaries).
 
@@ -48,20 +49,25 @@ def open_streams(engine: Engine, batch: int, gen: torch.Generator) -> list[int]:
 
 
 def run_config(cfg, weights, backend: str, batch: int, frames: int, warmup: int, device: torch.device,
-               bandwidth: float, weight_bytes: float, seed: int = 0, position: int = 0) -> dict:
+               bandwidth: float, weight_bytes: float, seed: int = 0, position: int = 0,
+               cuda_graphs: bool = True) -> dict:
     """Latency of `frames` frames after `warmup` for B fresh streams (or streams fast-forwarded to
     `position`: the state's frame counters are set there, so attention reads that many cached
-    positions; the cache contents do not change the work). With frames=0 only launches are counted."""
+    positions; the cache contents do not change the work). With frames=0 only launches are counted.
+    cuda_graphs=False keeps the triton backend's frames eager (no graph replay)."""
     engine = Engine(cfg, weights, max_streams=batch, backend=backend)
+    if backend == "triton":
+        engine.backend.use_cuda_graphs = cuda_graphs
     gen = torch.Generator().manual_seed(seed)
     streams = open_streams(engine, batch, gen)
     user = torch.randint(0, cfg.audio_card, (warmup + frames + 2, batch, cfg.num_audio_in), generator=gen)
-    user = user.to(device)
     if position:
         engine.state.t[:batch] = position
 
+    out = torch.empty(batch, 1 + cfg.dep_q, dtype=torch.long)
+
     def frame(t):
-        return engine.step(user[t], streams).cpu()
+        return engine.step(user[t], streams, out=out)
 
     for t in range(warmup):
         frame(t)
@@ -72,8 +78,11 @@ def run_config(cfg, weights, backend: str, batch: int, frames: int, warmup: int,
         frame(t)
         times_ms.append((time.perf_counter() - t0) * 1e3)
     launches = count_launches(lambda: frame(warmup + frames))
+    graphs = backend == "triton" and device.type == "cuda" and cuda_graphs
     row = {"backend": backend, "batch": batch, "frames": frames, "start_position": position,
-           "launches_per_frame": launches["total"], "launches": launches}
+           "launches_per_frame": launches["total"], "launches": launches,
+           "cuda_graphs": graphs and engine.backend.graph_error is None,
+           "graph_error": engine.backend.graph_error if graphs else None}
     if not frames:
         return row | {"timed": False}
     with PhaseTimer(device) as timer:
@@ -123,7 +132,7 @@ def measure(args, weights: dict | None = None, log=print, batches: dict | None =
             frames, warmup = (0, 0) if interpreted else (args.frames, args.warmup)
             try:
                 r = run_config(cfg, weights, backend, batch, frames, warmup, device, bandwidth, weight_bytes,
-                               args.seed)
+                               args.seed, cuda_graphs=not args.eager)
             except torch.OutOfMemoryError as e:
                 r = {"backend": backend, "batch": batch, "timed": False, "oom": True, "error": str(e).splitlines()[0]}
                 log(f"# {backend} B={batch}: out of memory")
@@ -161,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--eager", action="store_true",
+                    help="triton backend: launch every kernel each frame instead of replaying a CUDA graph")
     add_common_args(ap)
     return ap
 

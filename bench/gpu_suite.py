@@ -10,7 +10,8 @@ Runs, on seeded random weights at the real moshika-vis sizes in bf16:
   audit          the sm_90a static audit (bench.audit, a subprocess running beside the GPU work)
 and writes DIR/results.json (each section as its own command writes it, plus the environment),
 DIR/summary.md (the tables) and DIR/frame_latency.png, DIR/concurrency.png, DIR/kernels.png.
-The pytest GPU-only kernel tests are separate (`pytest tests/test_kernels_*.py` on the GPU machine).
+The pytest GPU-only tests are separate (`pytest tests/test_kernels.py tests/test_engine.py` on the GPU
+machine: bf16 kernels, CUDA graph replay, the sync-free frame).
 
 Without CUDA it refuses to run unless --allow-cpu: then the small preset in fp32 on the CPU, one
 thread, every figure labelled CPU (the triton backend's launches are counted on one interpreted

@@ -75,7 +75,7 @@ def converse(engine: Engine, codec, tokenizer, features: torch.Tensor | None, qu
     try:
         for t in range(total):
             codes = enc.step(padded[None, t * frame:(t + 1) * frame])
-            tokens = engine.step(codes.to(engine.device), [sid])[0].cpu()
+            tokens = engine.step(codes.cpu(), [sid])[0]
             if on_frame is not None:
                 on_frame(t + 1, total)
             if int(tokens[0]) == UNGENERATED:  # warm-up: the delayed codebooks are not out yet

@@ -3,17 +3,24 @@
 One `step` computes one 80 ms frame for any subset of the open streams, batched. Every stream has
 its own state slot, position, token buffer, image and seed; its random numbers are a function of
 (seed, frame, codebook) (counter-based Philox, see `moshivis_kernels.sampling`), so its outputs do not
-depend on which other streams share its batch, and both backends draw the same tokens. Every input is checked before any state changes, so a bad
-request fails alone.
+depend on which other streams share its batch, and both backends draw the same tokens. Every input is
+checked before any state changes, so a bad request fails alone.
+
+A frame: the inputs are staged into the backend's fixed frame buffers (`frame.FrameBuffers`, host
+mirror then one upload), the backend runs the model and the token bookkeeping on the device (the triton
+backend replays a CUDA graph per batch-size bucket on a GPU), and the tokens come back to the host: the
+frame's one synchronisation. The per-stream scalars (position, seed, sampling) live on the host.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backends import get_backend
-from .config import UNGENERATED, ZERO_TOKEN, MoshiVisConfig
+from .config import ZERO_TOKEN, MoshiVisConfig
+from .frame import NOT_FORCED
 from .image_pool import ImagePool
 from .state import StreamState
 
@@ -70,9 +77,6 @@ class Engine:
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
-        c = cfg
-        self._delays = torch.tensor(c.delays, dtype=torch.long, device=self.device)
-        self._initial = torch.tensor([c.text_card] + [c.audio_card] * c.n_q, dtype=torch.long, device=self.device)
 
     # ---- streams ---------------------------------------------------------------------------------
     @property
@@ -115,46 +119,51 @@ class Engine:
 
     # ---- one frame ---------------------------------------------------------------------------------
     def step(self, user_audio_tokens: torch.Tensor, streams: list[int], forced_tokens: torch.Tensor | None = None,
-             return_logits: bool = False):
+             return_logits: bool = False, out: torch.Tensor | None = None):
         """One frame for `streams` (B of them, in this order).
 
         user_audio_tokens [B, num_audio_in]: the user's codebooks this frame, in [0, audio_card) or -1
         (the zero token: no input). forced_tokens [B, 1 + dep_q] (teacher forcing): the model's own
-        text and audio tokens for this frame, used instead of sampling.
-        Returns tokens [B, 1 + dep_q] after delays (-2 during the warm-up frames) and, with
-        `return_logits`, (tokens, text_logits [B, text_card], audio_logits [B, dep_q, audio_card]).
+        text and audio tokens for this frame, used instead of the drawn ones where >= 0 (-1: draw).
+        Inputs are read on the host (pass CPU tensors; a device tensor is copied over first).
+        Returns tokens [B, 1 + dep_q] after delays (-2 during the warm-up frames), written into `out`
+        (int64 [B, 1 + dep_q] on the CPU) when given, and with `return_logits` (tokens, text_logits
+        [B, text_card], audio_logits [B, dep_q, audio_card]) as fp32 copies.
+        In steady state (same batch size, no new image) a frame allocates no tensor except what it
+        returns, and nothing with `out` and without logits.
         """
-        cfg = self.cfg
-        recs = self._check_step(user_audio_tokens, streams, forced_tokens)
-        dev = self.device
-        rows = torch.tensor([r.slot for r in recs], dtype=torch.long, device=dev)
-        image_slots = torch.tensor([r.image_slot for r in recs], dtype=torch.long, device=dev)
-        user = user_audio_tokens.to(device=dev, dtype=torch.long)
-        buf, t = self.state.tokens, self.state.t[rows]
-        ncol = buf.shape[-1]
-        # 1. user tokens enter their rows at their delays.
-        user_rows = torch.arange(1 + cfg.dep_q, 1 + cfg.n_q, device=dev)
-        buf[rows[:, None], user_rows[None, :], (t[:, None] + self._delays[user_rows]) % ncol] = user
-        # 2. rows still inside their delay read the initial token. 3. this frame's input column.
-        cur = (t % ncol)[:, None].expand(-1, 1 + cfg.n_q)
-        all_rows = torch.arange(1 + cfg.n_q, device=dev)[None, :]
-        inputs = torch.where(t[:, None] <= self._delays[None, :], self._initial[None, :], buf[rows[:, None], all_rows, cur])
-        buf[rows[:, None], all_rows, cur] = inputs
-        # 4. the model, after the images attached since the last frame are projected.
-        self.pool.flush()
-        forced = None if forced_tokens is None else forced_tokens.to(device=dev, dtype=torch.long)
-        tokens, text_logits, audio_logits = self.backend.frame(inputs, rows, image_slots, forced)
-        # 5. the model's tokens enter the next column; 6. read the delayed output.
-        own_rows = torch.arange(1 + cfg.dep_q, device=dev)[None, :]
-        buf[rows[:, None], own_rows, ((t + 1) % ncol)[:, None]] = tokens
-        t = t + 1
-        self.state.t[rows] = t
-        out_col = (t[:, None] - cfg.max_delay + self._delays[None, : 1 + cfg.dep_q]) % ncol
-        out = buf[rows[:, None], own_rows, out_col]
-        out = torch.where(t[:, None] <= cfg.max_delay, torch.full_like(out, UNGENERATED), out)
-        return (out, text_logits, audio_logits) if return_logits else out
+        cfg, st = self.cfg, self.state
+        recs, user, forced = self._check_step(user_audio_tokens, streams, forced_tokens, out)
+        B = len(recs)
+        fb = self.backend.buffers(B)
+        h = fb.host
+        slots = [r.slot for r in recs]
+        h.rows[:B] = slots
+        h.image_slots[:B] = [r.image_slot for r in recs]
+        h.positions[:B] = st.t[slots]
+        h.seed[:B] = st.seed[slots]
+        h.top_k[:B] = st.top_k[slots]
+        h.temperature[:B] = st.temperature[slots]
+        h.user[:B] = user
+        h.forced[:B] = NOT_FORCED if forced is None else forced
+        fb.pad(B)
+        self.pool.flush()  # the images attached since the last frame: K/V projected, batched
+        self.backend.frame(fb)
+        fb.download_tokens()
+        st.t[slots] += 1
+        tokens = torch.from_numpy(h.tokens[:B])
+        if out is None:
+            out = tokens.clone()
+        else:
+            out.copy_(tokens)
+        if not return_logits:
+            return out
+        return (out, fb.text_logits[:B].to("cpu", torch.float32, copy=True),
+                fb.audio_logits[:B].to("cpu", torch.float32, copy=True))
 
-    def _check_step(self, user, streams, forced):
+    def _check_step(self, user, streams, forced, out):
+        """(streams' records, user tokens, forced tokens or None) as numpy arrays; raises on bad input
+        before anything changes."""
         cfg = self.cfg
         if not isinstance(streams, (list, tuple)) or not streams:
             raise StreamError(f"streams must be a non-empty list of stream ids, got {streams!r}")
@@ -162,25 +171,29 @@ class Engine:
             raise StreamError(f"stream ids repeated in one step: {list(streams)}")
         recs = [self._get(s) for s in streams]
         B = len(streams)
-        self._check_tokens(user, "user_audio_tokens", streams, (B, cfg.num_audio_in),
-                           [cfg.audio_card] * cfg.num_audio_in)
+        user = self._check_tokens(user, "user_audio_tokens", streams, (B, cfg.num_audio_in),
+                                  [cfg.audio_card] * cfg.num_audio_in)
         if forced is not None:
-            self._check_tokens(forced, "forced_tokens", streams, (B, 1 + cfg.dep_q),
-                               [cfg.text_card] + [cfg.audio_card] * cfg.dep_q)
-        return recs
+            forced = self._check_tokens(forced, "forced_tokens", streams, (B, 1 + cfg.dep_q),
+                                        [cfg.text_card] + [cfg.audio_card] * cfg.dep_q)
+        if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.long
+                                or tuple(out.shape) != (B, 1 + cfg.dep_q) or out.device.type != "cpu"):
+            raise StreamError(f"out must be an int64 CPU tensor of shape {[B, 1 + cfg.dep_q]}, got "
+                              f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}")
+        return recs, user, forced
 
     @staticmethod
-    def _check_tokens(tokens, what, streams, shape, cards):
+    def _check_tokens(tokens, what, streams, shape, cards) -> np.ndarray:
         if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
                 or tokens.dtype == torch.bool:
             raise StreamError(f"{what} must be an integer tensor, got "
                               f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
         if tuple(tokens.shape) != shape:
             raise StreamError(f"{what} must have shape {list(shape)}, got {list(tokens.shape)}")
-        host = tokens.detach().cpu()
-        cards_t = torch.tensor(cards)
-        bad = (host < ZERO_TOKEN) | (host >= cards_t[None, :])
-        if bool(bad.any()):
-            b, j = (int(i) for i in bad.nonzero()[0])
+        host = tokens.detach().cpu().numpy()  # a view for CPU tensors
+        bad = (host < ZERO_TOKEN) | (host >= np.asarray(cards)[None, :])
+        if bad.any():
+            b, j = (int(i) for i in np.argwhere(bad)[0])
             raise StreamError(f"{what}: token {int(host[b, j])} of stream {streams[b]} at codebook {j} is out "
                               f"of range [-1, {cards[j]})")
+        return host

@@ -54,6 +54,11 @@ class PhaseTimer:
             self._stack[-1][1] = now
 
 
+def timing_active() -> bool:
+    """True inside a `PhaseTimer` block (a backend then runs frames eagerly, so phases can be timed)."""
+    return _active is not None
+
+
 @contextmanager
 def phase(name: str):
     nvtx = torch.cuda.is_available()

@@ -1,16 +1,18 @@
 """The `torch` backend: one frame computed with the reference ops on the shared state.
 
-The frame reads like the model (SPEC.md §4-§7); each op is a method, so the `triton` backend swaps
-ops for kernels one at a time by overriding them.
+The frame reads like the model (SPEC.md §4-§7), one method per op, on the references of
+`moshivis.reference` and the `*_reference` functions of the kernels. It runs exactly the staged batch.
 """
 from __future__ import annotations
 
 import torch
 
 from moshivis_kernels.sampling import sample_tokens_reference
+from moshivis_kernels.token_delays import frame_input_tokens_reference, frame_output_tokens_reference
 
 from .. import reference as R
 from ..config import MoshiVisConfig
+from ..frame import FrameBuffers, token_constants
 from ..image_pool import ImagePool
 from ..profiling import phase
 from ..state import StreamState
@@ -21,29 +23,39 @@ class TorchBackend:
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, state: StreamState, pool: ImagePool):
         self.cfg, self.w, self.state, self.pool = cfg, weights, state, pool
+        self.device = weights["llm.text_emb.weight"].device
+        self.delays, self.initial = token_constants(cfg, self.device)
+        self._buffers: dict[int, FrameBuffers] = {}
 
-    def frame(self, inputs, rows, image_slots, forced=None):
-        """One frame for B streams.
+    def buffers(self, batch: int) -> FrameBuffers:
+        """The frame buffers for `batch` streams (this backend runs exactly the batch: no padding)."""
+        if batch not in self._buffers:
+            self._buffers[batch] = FrameBuffers(self.cfg, batch, self.device, torch.float32)
+        return self._buffers[batch]
 
-        inputs [B, 1 + n_q] this frame's input tokens; rows [B] the streams' state slots (their
-        positions, seeds and sampling parameters live there); image_slots [B] their image pool slots
-        (-1 = none); forced [B, 1 + dep_q] tokens to use instead of sampling (teacher forcing) or None.
-        Returns (tokens [B, 1 + dep_q], text_logits [B, text_card], audio_logits [B, dep_q, audio_card]).
-        """
-        positions = self.state.t[rows]
+    def frame(self, fb: FrameBuffers) -> None:
+        """One frame for the streams staged in `fb` (host mirror filled): uploads them, runs the model and
+        the delayed-token bookkeeping, and leaves tokens and logits in fb's device buffers."""
+        fb.upload()
+        rows, positions = fb.rows, fb.positions
+        inputs = frame_input_tokens_reference(self.state.tokens, rows, positions, fb.user, self.delays, self.initial)
         with phase("temporal"):
             x = self.embed(inputs)
             for i in range(self.cfg.num_layers):
                 x = self.self_attention(i, x, rows, positions)
                 with phase("cross_attention"):
-                    x = self.cross_attention(i, x, image_slots)
+                    x = self.cross_attention(i, x, fb.image_slots)
                 x = self.ffn(i, x)
             h, text_logits = self.text_head(x)
         with phase("sampling"):
-            text = self.choose(text_logits, rows, positions, forced, 0)
+            text = self.choose(text_logits, fb, 0)
         with phase("depformer"):
-            audio_logits, audio = self.depformer(h, text, rows, positions, forced)
-        return torch.cat([text[:, None], audio], dim=1), text_logits, audio_logits
+            audio_logits, audio = self.depformer(h, text, fb)
+        tokens = torch.cat([text[:, None], audio], dim=1)
+        fb.tokens.copy_(frame_output_tokens_reference(self.state.tokens, rows, positions, tokens, self.delays,
+                                                      self.cfg.max_delay))
+        fb.text_logits.copy_(text_logits)
+        fb.audio_logits.copy_(audio_logits)
 
     # -- the temporal transformer --
     def embed(self, inputs):
@@ -63,7 +75,7 @@ class TorchBackend:
         return R.text_logits(self.w, x)
 
     # -- depformer and sampling --
-    def depformer(self, h, text, rows, positions, forced):
+    def depformer(self, h, text, fb):
         cfg = self.cfg
         B = h.shape[0]
         cache = torch.zeros(cfg.depformer_num_layers, B, 2, cfg.dep_q, cfg.depformer_num_heads,
@@ -72,20 +84,15 @@ class TorchBackend:
         for k in range(cfg.dep_q):
             lk = R.depformer_step(self.w, cfg, k, h, prev, cache)
             with phase("sampling"):
-                prev = self.choose(lk, rows, positions, forced, 1 + k)
+                prev = self.choose(lk, fb, 1 + k)
             logits.append(lk)
             tokens.append(prev)
         return torch.stack(logits, dim=1), torch.stack(tokens, dim=1)
 
-    def choose(self, logits, rows, positions, forced, codebook):
-        """Each row's token for `codebook` (0 = text, 1 + k = audio k): forced, or drawn with the
-        stream's own sampling parameters and counter-based random numbers (greedy at temperature 0)."""
-        if forced is not None:
-            return forced[:, codebook]
-        return self.sample(logits, rows, positions, codebook)
-
-    def sample(self, logits, rows, positions, codebook):
+    def choose(self, logits, fb, codebook):
+        """Each row's token for `codebook` (0 = text, 1 + k = audio k): drawn with the stream's own
+        sampling parameters and counter-based random numbers (greedy at temperature 0), or the forced
+        token where one is given (>= 0)."""
         kind = min(codebook, 1)
-        st = self.state
-        return sample_tokens_reference(logits, st.temperature[rows, kind], st.top_k[rows, kind], st.seed[rows],
-                                       positions, codebook)
+        return sample_tokens_reference(logits, fb.temperature[:, kind], fb.top_k[:, kind], fb.seed, fb.positions,
+                                       codebook, forced=fb.forced[:, codebook])
