@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moshivis_kernels import count_launches
+
 from .backends import get_backend
 from .config import ZERO_TOKEN, MoshiVisConfig
 from .frame import NOT_FORCED
@@ -77,6 +79,7 @@ class Engine:
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
+        self.last_frame_launches: dict[str, int] = {}
 
     # ---- streams ---------------------------------------------------------------------------------
     @property
@@ -148,7 +151,9 @@ class Engine:
         h.forced[:B] = NOT_FORCED if forced is None else forced
         fb.pad(B)
         self.pool.flush()  # the images attached since the last frame: K/V projected, batched
-        self.backend.frame(fb)
+        with count_launches() as launches:
+            self.backend.frame(fb)
+        self.last_frame_launches = launches  # Triton launches by kernel (a replayed graph counts its kernels)
         fb.download_tokens()
         st.t[slots] += 1
         tokens = torch.from_numpy(h.tokens[:B])

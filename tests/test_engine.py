@@ -198,6 +198,7 @@ def test_triton_frame_launches_at_real_layer_counts():
     assert per_kernel["self_attention_decode"] == cfg.num_layers
     assert per_kernel["depformer_step"] == cfg.dep_q and per_kernel["sample_tokens"] == 1 + cfg.dep_q
     assert per_kernel["frame_input_tokens"] == per_kernel["frame_output_tokens"] == 1
+    assert engine.last_frame_launches == per_kernel  # what the runtime exposes
     assert counts["torch_ops"] <= 1, counts  # the copy of the tokens handed out; bookkeeping is on kernels
 
 
@@ -267,7 +268,8 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
             logits.append(tl)
         assert engine.backend.graph_error is None
         assert all(b.graph is not None for b in engine.backend._buckets.values()) == graphs
-        runs.append((torch.stack(tokens), logits[:4]))
+        runs.append((torch.stack(tokens), logits[:4], engine.last_frame_launches))
     assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][2] == runs[1][2] and sum(runs[1][2].values()) > 0  # a replay counts the graph's kernels
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
