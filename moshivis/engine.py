@@ -120,6 +120,11 @@ class Engine:
             raise StreamError(f"stream id {stream!r} is {state}")
         return self._streams[stream]
 
+    def warmup(self) -> None:
+        """Prepare every batch size before the first stream (the triton backend compiles its kernels and
+        captures each bucket's CUDA graph, which the first frame of a bucket would otherwise do)."""
+        self.backend.warmup()
+
     # ---- one frame ---------------------------------------------------------------------------------
     def step(self, user_audio_tokens: torch.Tensor, streams: list[int], forced_tokens: torch.Tensor | None = None,
              return_logits: bool = False, out: torch.Tensor | None = None):

@@ -717,8 +717,11 @@ def build_engine(args) -> Engine:
         max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20)))
         if max_streams < 1:
             raise SystemExit(f"--memory-budget-mb {args.memory_budget_mb}: not enough for one stream")
-    return Engine(cfg, weights, max_streams=max_streams, backend=args.backend,
-                  max_images=args.max_images or max_streams)
+    engine = Engine(cfg, weights, max_streams=max_streams, backend=args.backend,
+                    max_images=args.max_images or max_streams)
+    if engine.device.type == "cuda":
+        engine.warmup()  # every batch size compiled and captured before the first client
+    return engine
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moshivis_kernels  # noqa: F401  (sets TRITON_INTERPRET on CPU before any kernel is defined)
+from moshivis_kernels._runtime import INTERPRET
 from moshivis import MoshiVisConfig, checkpoint
 from moshivis.replay import read_stream
 
@@ -19,6 +20,23 @@ GOLDEN = Path(os.environ.get("MOSHIVIS_GOLDEN", Path(__file__).resolve().parents
 def pytest_configure(config):
     # The Triton interpreter reads scalar kernel arguments in a way NumPy >= 1.25 deprecates.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+    config.addinivalue_line("markers", "gpu(reason): runs natively on a CUDA GPU; skipped (with that reason) without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two worlds, one per process (the interpreter switch is read when kernels are defined): on a CPU
+    machine (or with TRITON_INTERPRET=1) the interpreter tests run and `gpu` tests skip; natively on a
+    GPU machine only the `gpu` tests run, the interpreter tests (CPU tensors) skip."""
+    native_gpu = torch.cuda.is_available() and not INTERPRET
+    for item in items:
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None and not native_gpu:
+            reason = (gpu.kwargs.get("reason", "needs a CUDA GPU") if not torch.cuda.is_available()
+                      else "needs native Triton on the GPU: unset TRITON_INTERPRET")
+            item.add_marker(pytest.mark.skip(reason=reason))
+        elif gpu is None and native_gpu:
+            item.add_marker(pytest.mark.skip(reason="a CPU test (Triton interpreter): on a GPU machine run it with "
+                                                    "TRITON_INTERPRET=1"))
 
 
 @pytest.fixture(scope="session")

@@ -231,21 +231,22 @@ def test_triton_steady_state_frames_allocate_nothing(tiny_cfg, tiny_weights, gen
     assert _profiled_allocations(lambda: reference.step(user[:1], rids, out=out[:1]))  # the probe works
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+needs_cuda = pytest.mark.gpu(reason="needs a CUDA device (CUDA graphs)")
 
 
 @needs_cuda
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
     """On a GPU: frames replayed from each bucket's CUDA graph give the bits of eager frames (same kernels),
-    capture succeeds (the depformer's cooperative launch included), and steady-state frames run under
-    torch.cuda.set_sync_debug_mode("error") (the tokens are handed out by waiting on an event)."""
+    capture succeeds (the depformer's cooperative launch included), a captured bucket picks up other
+    rows and a new image, and steady-state frames run under torch.cuda.set_sync_debug_mode("error")
+    (the tokens are handed out by waiting on an event)."""
     from moshivis import preset, random_init
     from moshivis.quantize import quantize_weights
     cfg = preset("tiny")
     gen = torch.Generator().manual_seed(3)
-    feats = torch.randn(cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)
-    user = torch.randint(-1, cfg.audio_card, (12, 3, cfg.num_audio_in), generator=gen)
+    feats = torch.randn(2, cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)
+    user = torch.randint(-1, cfg.audio_card, (14, 3, cfg.num_audio_in), generator=gen)
     runs = []
     for graphs in (False, True):
         w = random_init(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
@@ -253,23 +254,51 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
             quantize_weights(w, cfg)
         engine = Engine(cfg, w, max_streams=4, backend="triton")
         engine.backend.use_cuda_graphs = graphs
-        ids = [engine.open_stream(seed=s, image=feats if s else None) for s in range(3)]
+        engine.warmup()
+        ids = [engine.open_stream(seed=s, image=feats[0] if s else None) for s in range(3)]
         out = torch.empty(3, 1 + cfg.dep_q, dtype=torch.long)
         tokens, logits = [], []
-        for t in range(12):
-            if t == 4:
-                torch.cuda.set_sync_debug_mode("error")
+        for t in range(14):
+            if t == 8:  # the same bucket, other rows and a new image (projected, with a sync, before the frame)
+                ids = [ids[2], ids[0], ids[1]]
+                engine.set_image(ids[0], feats[1])
+                engine.step(user[t], ids, out=out)
+                tokens.append(out.clone())
+                continue
+            sync_free = t >= 4  # steady state: handing out tokens only (logits are copied synchronously)
+            torch.cuda.set_sync_debug_mode("error" if sync_free else 0)
             try:
-                tok, tl, _ = engine.step(user[t], ids, return_logits=True) if t < 4 else \
-                    (engine.step(user[t], ids, out=out).clone(), None, None)
+                if sync_free:
+                    engine.step(user[t], ids, out=out)
+                    tokens.append(out.clone())
+                else:
+                    tok, tl, _ = engine.step(user[t], ids, return_logits=True)
+                    tokens.append(tok)
+                    logits.append(tl)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            tokens.append(tok)
-            logits.append(tl)
-        assert engine.backend.graph_error is None
+        assert engine.backend.graph_error is None, engine.backend.graph_error
         assert all(b.graph is not None for b in engine.backend._buckets.values()) == graphs
-        runs.append((torch.stack(tokens), logits[:4], engine.last_frame_launches))
-    assert torch.equal(runs[0][0], runs[1][0])
+        runs.append((torch.stack(tokens), logits, engine.last_frame_launches))
+    assert torch.equal(runs[0][0], runs[1][0]) and (runs[0][0] >= 0).any()
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     assert runs[0][2] == runs[1][2] and sum(runs[1][2].values()) > 0  # a replay counts the graph's kernels
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
+
+
+def test_warmup_prepares_every_bucket_and_changes_no_state(tiny_cfg, tiny_weights, gen):
+    """Engine.warmup runs each bucket's frame on padding rows only: buffers made, no stream state touched,
+    and the frames after it are those of an engine that never warmed up."""
+    user = torch.randint(-1, tiny_cfg.audio_card, (3, 2, tiny_cfg.num_audio_in), generator=gen)
+    feats = torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen)
+    results = []
+    for warm in (True, False):
+        engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=3, backend="triton")
+        ids = [engine.open_stream(seed=4, image=feats), engine.open_stream(seed=5)]
+        engine.step(user[0], ids)
+        if warm:
+            kv, tokens = engine.state.kv.clone(), engine.state.tokens.clone()
+            engine.warmup()
+            assert sorted(engine.backend._buckets) == [1, 2, 3]
+            assert torch.equal(engine.state.kv, kv) and torch.equal(engine.state.tokens, tokens)
+        results.append(torch.stack([engine.step(user[t], ids) for t in (1, 2)]))
+    assert torch.equal(results[0], results[1])

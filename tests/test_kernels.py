@@ -248,7 +248,7 @@ def test_self_attention_decode_rejects_bad_inputs(change, name):
         self_attention_decode(args.pop("qkv"), args.pop("kv"), args.pop("rows"), args.pop("positions"), **args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (only there does the last split vary)")
+@pytest.mark.gpu(reason="needs a CUDA GPU (only there does the last split vary)")
 def test_self_attention_decode_repeatable_and_graph_replays_gpu():
     """Real sizes, one stream (16 splits): which split merges varies between runs on a GPU, the bits do
     not; a CUDA graph of the call replays to the same bits (the counters are back at zero each time)."""
@@ -787,8 +787,7 @@ def test_gemv_compiles_for_sm90_with_128bit_loads_and_no_spills():
             assert r["loads_128"] >= (8 if ".bf16." in name else 4) + 1, (name, r)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU (bf16 tl.dot is unreliable in the interpreter)")
+@pytest.mark.gpu(reason="needs a CUDA GPU (bf16 tl.dot is unreliable in the interpreter)")
 @pytest.mark.parametrize("weight", ["int8", "bf16"])
 @pytest.mark.parametrize("M", [1, 2, 5, 64, 256])
 @pytest.mark.parametrize("K, n_w, norm, epilogue, residual", [
@@ -810,7 +809,7 @@ def test_bf16_real_shapes_gpu(weight, M, K, n_w, norm, epilogue, residual):
     torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (only there does the last program vary)")
+@pytest.mark.gpu(reason="needs a CUDA GPU (only there does the last program vary)")
 @pytest.mark.parametrize("M", [1, 16])
 def test_split_k_repeatable_and_graph_replays_gpu(M):
     """ffn linear_out at real size (split-K): which program reduces a tile varies between runs on a GPU,
@@ -1208,7 +1207,7 @@ def test_piece_bad_input(gen):
 
 
 # ---- GPU only -------------------------------------------------------------------------------------
-gpu_xattn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and sync checks)")
+gpu_xattn = pytest.mark.gpu(reason="needs a CUDA GPU (bf16 and sync checks)")
 
 
 @gpu_xattn
@@ -1930,7 +1929,7 @@ def test_bad_int8_weights_raise_errors_naming_the_field(gen, change, match):
 
 
 # ---- GPU only: bf16 and the fused launch over every SM --------------------------------------------------
-gpu_depformer = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter's bf16 is unreliable "
+gpu_depformer = pytest.mark.gpu(reason="needs a GPU (the interpreter's bf16 is unreliable "
                                                                "and it cannot run a multi-program grid barrier)")
 MID = dict(dim=512, dd=256, heads=4, layers=3, hidden=700, card=300, text_rows=333, steps=8)
 

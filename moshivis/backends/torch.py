@@ -33,6 +33,9 @@ class TorchBackend:
             self._buffers[batch] = FrameBuffers(self.cfg, batch, self.device, torch.float32)
         return self._buffers[batch]
 
+    def warmup(self) -> None:
+        """Nothing to prepare: the reference runs eagerly, on buffers made per batch size."""
+
     def frame(self, fb: FrameBuffers) -> None:
         """One frame for the streams staged in `fb` (host mirror filled): uploads them, runs the model and
         the delayed-token bookkeeping, and leaves tokens and logits in fb's device buffers."""

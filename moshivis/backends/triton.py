@@ -145,7 +145,7 @@ class TritonBackend:
     def buffers(self, batch: int) -> FrameBuffers:
         """The frame buffers of the smallest bucket that holds `batch` rows."""
         size = min(next_pow2(batch), self.state.max_streams)
-        if batch > size:
+        if not 1 <= batch <= size:
             raise ValueError(f"a batch of {batch} streams exceeds max_streams={self.state.max_streams}")
         if size not in self._buckets:
             self._buckets[size] = _Bucket(self, size)
@@ -162,20 +162,39 @@ class TritonBackend:
                 record_launch(name, n)
             return
         self._run(b)
-        if graphs and b.graph is None:
+        if graphs and b.graph is None and not timing_active():  # a timed phase synchronises: never capture it
             self._capture(b)
 
     def _capture(self, b: _Bucket) -> None:
-        """Record the bucket's frame as a CUDA graph (after an eager frame compiled every kernel)."""
-        graph = torch.cuda.CUDAGraph()
+        """Record the bucket's frame as a CUDA graph (after an eager frame compiled every kernel). If the
+        driver refuses (e.g. a launch it cannot capture), frames stay eager and `graph_error` says why."""
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
         try:
             with count_launches() as launches, torch.cuda.graph(graph):
                 self._run(b)
-        except RuntimeError as e:  # e.g. a launch the driver cannot capture: frames stay eager, and say why
+        except RuntimeError as e:
             self.graph_error = f"CUDA graph capture failed: {e}"
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves its side stream current
             torch.cuda.synchronize(self.device)
             return
         b.graph, b.launches = graph, dict(launches)
+        for name, n in launches.items():  # a capture runs nothing: the frame's count is the eager run's
+            record_launch(name, -n)
+
+    def buckets(self) -> list[int]:
+        """Every bucket size: powers of two below max_streams, and max_streams."""
+        n = self.state.max_streams
+        return sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
+
+    def warmup(self, sizes: list[int] | None = None) -> None:
+        """Make the buffers, compile the kernels and capture the graph of each bucket (default: all) ahead
+        of serving, so no live frame pays for it. The frames run on padding rows only: no state changes."""
+        for size in self.buckets() if sizes is None else sizes:
+            fb = self.buffers(size)
+            fb.pad(0)
+            for _ in range(2):  # eager + capture, then a replay
+                self.frame(fb)
+            fb.download_tokens()
 
     def _run(self, b: _Bucket) -> None:
         """The frame on bucket b's buffers: launches only (capturable)."""
