@@ -4,7 +4,8 @@ H100: the kernels section gets whatever time --budget-min (default 7.5) leaves a
 python -m bench.gpu_suite --out DIR [--allow-cpu] [--quick] [--skip SECTION ...] [--budget-min M]
 
 Runs, on seeded random weights at the real moshika-vis sizes in bf16:
-  frame_latency  backends torch and triton, B = 1, 8, 32 (fresh streams)
+  frame_latency  backends torch and triton, B = 1, 8, 32 (fresh streams); triton at B = 1 also without
+                 its CUDA graph (--eager)
   concurrency    the triton backend at full context, streams swept up to what fits in memory
   kernels        every kernel against its baselines (bench.kernels), within the time left
   audit          the sm_90a static audit (bench.audit, a subprocess running beside the GPU work)
@@ -228,6 +229,12 @@ def main(argv=None) -> int:
              "--batch", *map(str, p["fl_batch"]), "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]),
              "--device", device.type])
         fl_env, rows = frame_latency.measure(fl_args, weights, note, batches={"triton": p["triton_batch"]})
+        if cuda and "triton" in p["fl_backends"]:  # what the CUDA graph buys: the same frames launched eagerly
+            eager_args = frame_latency.parser().parse_args(
+                ["--preset", p["preset"], "--backend", "triton", "--dtype", p["dtype"], "--batch", "1", "--eager",
+                 "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]), "--device", device.type])
+            for r in frame_latency.measure(eager_args, weights, note)[1]:
+                rows.append(r | {"backend": "triton (eager)"})
         for r in rows:
             r.pop("times_ms", None)
         frame_latency.report(rows, note)

@@ -15,7 +15,8 @@ Kernels and their baselines (every baseline does the same work on the same input
   sampling        temperature + top-k draw, text (V=32000) and audio (V=2048) rows vs the PyTorch
                   reference (same random numbers, same tokens) and torch.topk + torch.multinomial
   depformer       the 8 codebook steps with their sampling (one persistent launch per step, and one
-                  launch per phase) vs the PyTorch reference loop, B in {1,4,16,64,256}
+                  launch per phase), dense and INT8 weights, vs the PyTorch reference loop, B in
+                  {1,4,16,64,256}
   linear          weight-only linears at the model's shapes (dim->3dim, dim->2hidden, hidden->dim,
                   depformer dd->3dd), M in {1,2,4,...,256}: ours with bf16 and INT8 weights vs cuBLAS
                   bf16 F.linear, the PyTorch INT8 reference F.linear(x, CB) * SCB/127 and bitsandbytes
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from moshivis import preset
 from moshivis import reference as R
 from moshivis.checkpoint import XA, expected_shapes
+from moshivis_kernels import linear, quantize_rowwise
 
 from .common import add_common_args, copy_bandwidth, environment, set_threads, table, time_cpu, write_json
 
@@ -106,18 +108,6 @@ def optional(module: str):
             return importlib.import_module(module)
     except Exception:  # noqa: BLE001  (an optional baseline: any import failure means unavailable)
         return None
-
-
-def linear_kernels():
-    """(dense linear or None, int8 linear, quantize_rowwise, name): kernels/linear.py's `linear` (dense and
-    INT8 weights) when it exists, else the older kernels/int8_linear.py (INT8 only), else nothing."""
-    mod = optional("moshivis_kernels.linear")
-    if mod is not None:
-        return mod.linear, mod.linear, mod.quantize_rowwise, "moshivis_kernels.linear.linear"
-    mod = optional("moshivis_kernels.int8_linear")
-    if mod is not None:
-        return None, mod.int8_linear, mod.quantize_rowwise, "moshivis_kernels.int8_linear.int8_linear"
-    return None, None, None, None
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -299,11 +289,19 @@ def depformer_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
     from moshivis_kernels import depformer_frame, depformer_workspace
     from moshivis_kernels.sampling import sample_tokens_reference
 
+    from moshivis.checkpoint import quantized_keys, scale_key
+
     from .common import frame_bytes
     w = rnd.weights(cfg, lambda k: k.startswith(("depformer", "audio_linears")))
-    dw = depformer_weights(w, cfg)
+    dw = depformer_weights(dict(w), cfg)
+    w8 = dict(w)  # the same weights in the INT8 checkpoint layout (CB + SCB)
+    for key in quantized_keys(cfg):
+        if key in w8:
+            w8[key], w8[scale_key(key)] = quantize_rowwise(w8[key])
+    dw8 = depformer_weights(w8, cfg)
     S, L = cfg.dep_q, cfg.depformer_num_layers
     weights_read = frame_bytes(cfg, 1, 1, 0, rnd.dtype.itemsize, rnd.dtype.itemsize)["depformer_weights"]
+    int8_read = frame_bytes(cfg, 1, 1, 0, rnd.dtype.itemsize, 1)["depformer_weights"]
     for B in sweep:
         h = rnd.normal(B, cfg.dim)
         text = rnd.ints(0, cfg.text_card, B)
@@ -313,12 +311,12 @@ def depformer_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
                         frame=torch.full((B,), 10, device=rnd.device, dtype=torch.int64))
         ws = depformer_workspace(dw, B)
 
-        def reference(h=h, text=text, s=sampling):
+        def reference(h=h, text=text, s=sampling, weights=w):
             cache = torch.zeros(L, h.shape[0], 2, S, cfg.depformer_num_heads, cfg.depformer_head_dim,
                                 dtype=h.dtype, device=h.device)
             prev, logits = text, []
             for k in range(S):
-                logits.append(R.depformer_step(w, cfg, k, h, prev, cache))
+                logits.append(R.depformer_step(weights, cfg, k, h, prev, cache))
                 prev = sample_tokens_reference(logits[-1], s["temperature"], s["top_k"], s["seed"], s["frame"], 1 + k)
             return torch.stack(logits, dim=1)
 
@@ -328,6 +326,12 @@ def depformer_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
                  Impl("triton_unfused", f"ours: depformer_frame, one launch per phase ({4 * L + 2} per step)",
                       lambda h=h, text=text, ws=ws, s=sampling: depformer_frame(dw, h, text, ws, fused=False, **s)[1],
                       ours=True, check_against="torch"),
+                 Impl("triton_int8", "ours: depformer_frame with INT8 weights (CB int8 + SCB fp32)",
+                      lambda h=h, text=text, ws=ws, s=sampling: depformer_frame(dw8, h, text, ws, **s)[1],
+                      ours=True, check_against="torch_int8", bytes=int8_read + B * S * cfg.audio_card * 4),
+                 Impl("torch_int8", "PyTorch reference loop on the INT8 weights (moshivis.reference's INT8 rule)",
+                      lambda h=h, text=text, s=sampling: reference(h, text, s, w8), graph=False, vs="triton_int8",
+                      bytes=int8_read + B * S * cfg.audio_card * 4),
                  Impl("torch", "PyTorch reference loop (moshivis.reference.depformer_step + sampling reference)",
                       reference, graph=False)]  # the sampling reference copies host -> device
         # step 0's logits do not depend on sampled tokens: compare those
@@ -336,16 +340,16 @@ def depformer_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
 
 
 def linear_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
-    dense_linear, int8_linear, quantize, source = linear_kernels()
+    source = "moshivis_kernels.linear"
     bnb = optional("bitsandbytes")
     shapes = [("attn_in_proj", cfg.dim, 3 * cfg.dim), ("ffn_linear_in", cfg.dim, 2 * cfg.hidden),
               ("ffn_linear_out", cfg.hidden, cfg.dim), ("dep_in_proj", cfg.depformer_dim, 3 * cfg.depformer_dim)]
     ab = rnd.dtype.itemsize
     for name, K, N in shapes:
         w = rnd.normal(N, K, scale=K ** -0.5)
-        cb, scb = quantize(w) if quantize else (None, None)
+        cb, scb = quantize_rowwise(w)
         layer = None
-        if bnb is not None and cb is not None:
+        if bnb is not None:
             try:
                 layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=0.0)
                 layer.weight = bnb.nn.Int8Params(w.detach().cpu().to(torch.float16 if ab == 2 else torch.float32),
@@ -358,20 +362,16 @@ def linear_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
             io = M * K * ab + M * N * ab
             int8_bytes = N * K + N * 4 + io
             impls = [
-                Impl("triton", f"ours: {source} with dense {rnd.dtype} weights",
-                     (lambda x=x, w=w: dense_linear(x, w)) if dense_linear else None,
-                     ours=True, check_against="torch",
-                     status="ok" if dense_linear else "not available (no kernels/linear.py)"),
+                Impl("triton", f"ours: {source} with dense {rnd.dtype} weights", lambda x=x, w=w: linear(x, w),
+                     ours=True, check_against="torch"),
                 Impl("triton_int8", f"ours: {source} with INT8 weights (CB int8 + SCB fp32)",
-                     (lambda x=x, cb=cb, scb=scb: int8_linear(x, cb, scb)) if int8_linear else None,
-                     ours=True, check_against="torch_int8", bytes=int8_bytes,
-                     status="ok" if int8_linear else "not available"),
+                     lambda x=x, cb=cb, scb=scb: linear(x, cb, scb), ours=True, check_against="torch_int8",
+                     bytes=int8_bytes),
                 Impl("torch", f"F.linear with dense {rnd.dtype} weights (cuBLAS on a GPU)",
                      lambda x=x, w=w: F.linear(x, w)),
                 Impl("torch_int8", "PyTorch INT8 reference: F.linear(x, CB.to(dtype)) * SCB / 127",
-                     (lambda x=x, cb=cb, scb=scb: F.linear(x, cb.to(x.dtype)) * (scb / 127).to(x.dtype))
-                     if cb is not None else None, bytes=int8_bytes, vs="triton_int8",
-                     status="ok" if cb is not None else "not available"),
+                     lambda x=x, cb=cb, scb=scb: F.linear(x, cb.to(x.dtype)) * (scb / 127).to(x.dtype),
+                     bytes=int8_bytes, vs="triton_int8"),
                 Impl("bnb_int8", "bitsandbytes Linear8bitLt (int8 weights, threshold 0)",
                      (lambda x=x, layer=layer: layer(x)) if isinstance(layer, torch.nn.Module) else None,
                      bytes=int8_bytes, graph=False, vs="triton_int8",
