@@ -81,14 +81,14 @@ def _output_tokens_kernel(buf_ptr, stride_bs, stride_bc, rows_ptr, pos_ptr, toke
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_common(buf, rows, positions, delays, rows_needed: int) -> int:
+def _check_common(buf, rows, positions, delays) -> int:
     check_tensor(buf, "buf", 3, (torch.int64,))
     dev = buf.device
     S, C, W = buf.shape
     if buf.stride(2) != 1:
         raise ValueError(f"buf must be contiguous along its columns (stride(2) == 1), got strides {buf.stride()}")
-    if C < rows_needed or W < 2:
-        raise ValueError(f"buf must have shape [slots, >= {rows_needed} rows, >= 2 columns], got {list(buf.shape)}")
+    if C < 1 or W < 2:
+        raise ValueError(f"buf must have shape [slots, rows >= 1, columns >= 2], got {list(buf.shape)}")
     check_tensor(rows, "rows", 1, (torch.int64,), dev)
     B = rows.shape[0]
     check_tensor(positions, "positions", 1, (torch.int64,), dev)
@@ -106,6 +106,16 @@ def _check_matrix(t, name: str, shape: tuple, device) -> None:
                          f"{list(t.shape)} strides {t.stride()}")
 
 
+def _check_tokens(t, name: str, B: int, lowest: int, C: int, device) -> int:
+    """t [B, n] int32/int64 with lowest <= n <= C columns, unit column stride; returns n."""
+    check_tensor(t, name, 2, _INT_DTYPES, device)
+    n = t.shape[1]
+    if not lowest <= n <= C:
+        raise ValueError(f"{name} must have {lowest} to C = {C} columns, got shape {list(t.shape)}")
+    _check_matrix(t, name, (B, n), device)
+    return n
+
+
 def frame_input_tokens(buf: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, user: torch.Tensor,
                        delays: torch.Tensor, initial: torch.Tensor, *, out: torch.Tensor | None = None
                        ) -> torch.Tensor:
@@ -115,13 +125,9 @@ def frame_input_tokens(buf: torch.Tensor, rows: torch.Tensor, positions: torch.T
     so far); user [B, U] int32/int64 the user's tokens for rows C - U .. C - 1; delays [C] in [0, W),
     initial [C] int32/int64. One launch, no host synchronisation.
     """
-    B = _check_common(buf, rows, positions, delays, 1)
+    B = _check_common(buf, rows, positions, delays)
     dev, (S, C, W) = buf.device, buf.shape
-    check_tensor(user, "user", 2, _INT_DTYPES, dev)
-    U = user.shape[1]
-    if not 0 <= U <= C:
-        raise ValueError(f"user must have at most C = {C} columns, got shape {list(user.shape)}")
-    _check_matrix(user, "user", (B, U), dev)
+    U = _check_tokens(user, "user", B, 0, C, dev)
     check_tensor(initial, "initial", 1, _INT_DTYPES, dev)
     if initial.shape[0] != C or (C > 1 and initial.stride(0) != 1):
         raise ValueError(f"initial must be a contiguous [{C}] tensor, got shape {list(initial.shape)}")
@@ -141,13 +147,9 @@ def frame_output_tokens(buf: torch.Tensor, rows: torch.Tensor, positions: torch.
     writes tokens [B, K] int32/int64 (rows 0..K-1 of buf) at column positions + 1. delays [C] as for
     frame_input_tokens (rows K.. unused), max_delay the largest of them, < W. One launch, no host
     synchronisation."""
-    B = _check_common(buf, rows, positions, delays, 1)
+    B = _check_common(buf, rows, positions, delays)
     dev, (S, C, W) = buf.device, buf.shape
-    check_tensor(tokens, "tokens", 2, _INT_DTYPES, dev)
-    K = tokens.shape[1]
-    if not 1 <= K <= C:
-        raise ValueError(f"tokens must have 1 to C = {C} columns, got shape {list(tokens.shape)}")
-    _check_matrix(tokens, "tokens", (B, K), dev)
+    K = _check_tokens(tokens, "tokens", B, 1, C, dev)
     if isinstance(max_delay, bool) or not isinstance(max_delay, int) or not 0 <= max_delay < W:
         raise ValueError(f"max_delay must be an int in [0, W = {W}), got {max_delay!r}")
     if out is None:
