@@ -39,6 +39,20 @@ import triton.language as tl  # noqa: E402
 mod = importlib.import_module("moshivis_kernels.linear")  # the module: the package exports a function `linear`
 
 
+def assert_graph_replays(run, out, want, counters):
+    """run() (writing `out`) captured in a CUDA graph replays to the bits of `want`, out NaN-filled before
+    each replay, and leaves its arrival counters at zero."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+    assert not counters.any()
+
+
 # ==================================================================================================
 # Embedding and self-attention (temporal step)
 #
@@ -263,15 +277,8 @@ def test_self_attention_decode_repeatable_and_graph_replays_gpu():
     first = self_attention_decode(qkv, kv, rows, positions, workspace=ws).clone()  # re-appends the same k, v
     for _ in range(20):
         assert torch.equal(self_attention_decode(qkv, kv, rows, positions, workspace=ws), first)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=out)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
-    assert not ws[-H:].view(torch.int32).any()
+    assert_graph_replays(lambda: self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=out), out, first,
+                         ws[-H:].view(torch.int32))
 
 
 # ---- input embedding ----------------------------------------------------------------------------
@@ -828,15 +835,7 @@ def test_split_k_repeatable_and_graph_replays_gpu(M):
         assert torch.equal(linear(x, w, scale, residual=r, workspace=ws), first)
         assert torch.equal(linear(x, w, scale, residual=r), first)  # shared counters, partials per call
     out = torch.empty_like(first)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        linear(x, w, scale, residual=r, out=out, workspace=ws)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
-    assert not ws.counters.any()
+    assert_graph_replays(lambda: linear(x, w, scale, residual=r, out=out, workspace=ws), out, first, ws.counters)
 
 # ==================================================================================================
 # Gated cross-attention over the image KV pool
@@ -1247,15 +1246,7 @@ def test_repeatable_and_graph_replays_gpu(gen, B):
     for _ in range(20):
         assert torch.equal(xa.gated_cross_attention(**p, workspace=ws), first)
     out = torch.empty_like(first)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        xa.gated_cross_attention(**p, out=out, workspace=ws)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
-    assert not ws.counters.any()
+    assert_graph_replays(lambda: xa.gated_cross_attention(**p, out=out, workspace=ws), out, first, ws.counters)
 
 # ==================================================================================================
 # Sampling: greedy, temperature + top-k, Philox race
