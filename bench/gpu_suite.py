@@ -5,7 +5,7 @@ python -m bench.gpu_suite --out DIR [--allow-cpu] [--quick] [--skip SECTION ...]
 
 Runs, on seeded random weights at the real moshika-vis sizes in bf16:
   frame_latency  backends torch and triton, B = 1, 8, 32 (fresh streams); triton at B = 1 also without
-                 its CUDA graph (--eager)
+                 its CUDA graph (--eager), and triton with INT8 weights
   concurrency    the triton backend at full context, streams swept up to what fits in memory
   kernels        every kernel against its baselines (bench.kernels), within the time left
   audit          the sm_90a static audit (bench.audit, a subprocess running beside the GPU work)
@@ -235,6 +235,13 @@ def main(argv=None) -> int:
                  "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]), "--device", device.type])
             for r in frame_latency.measure(eager_args, weights, note)[1]:
                 rows.append(r | {"backend": "triton (eager)"})
+            # INT8 weights: half the bytes of a frame (a second random model, quantized)
+            int8_args = frame_latency.parser().parse_args(
+                ["--preset", p["preset"], "--backend", "triton", "--dtype", p["dtype"], "--weights", "int8",
+                 "--batch", *map(str, p["triton_batch"]), "--frames", str(p["fl_frames"]),
+                 "--warmup", str(p["fl_warmup"]), "--device", device.type])
+            for r in frame_latency.measure(int8_args, None, note)[1]:
+                rows.append(r | {"backend": "triton (int8)"})
         for r in rows:
             r.pop("times_ms", None)
         frame_latency.report(rows, note)
