@@ -302,3 +302,24 @@ def test_warmup_prepares_every_bucket_and_changes_no_state(tiny_cfg, tiny_weight
             assert torch.equal(engine.state.kv, kv) and torch.equal(engine.state.tokens, tokens)
         results.append(torch.stack([engine.step(user[t], ids) for t in (1, 2)]))
     assert torch.equal(results[0], results[1])
+
+
+def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
+    """Streams join and leave between frames, so frames run in buckets 1, 2 and 4 (padding rows in the
+    last) and a bucket is reused with other rows: every frame's tokens and logits match the torch
+    backend's (sampled, Philox draws shared by both)."""
+    feats = torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen)
+    user = torch.randint(-1, tiny_cfg.audio_card, (6, 3, tiny_cfg.num_audio_in), generator=gen)
+    batches = [[0], [0, 1], [0, 1, 2], [2], [1, 2], [0, 2]]
+    runs = []
+    for backend in ("torch", "triton"):
+        engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=4, backend=backend)
+        ids = [engine.open_stream(seed=9, image=feats), engine.open_stream(seed=8),
+               engine.open_stream(seed=7, image=feats)]
+        runs.append([engine.step(user[t, :len(b)], [ids[i] for i in b], return_logits=True)
+                     for t, b in enumerate(batches)])
+    for (tok_a, text_a, audio_a), (tok_b, text_b, audio_b) in zip(*runs):
+        assert torch.equal(tok_a, tok_b)
+        torch.testing.assert_close(text_b, text_a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(audio_b, audio_a, atol=1e-4, rtol=0)
+    assert any((tok >= 0).any() for tok, _, _ in runs[0])
