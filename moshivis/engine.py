@@ -80,6 +80,7 @@ class Engine:
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
         self.last_frame_launches: dict[str, int] = {}
+        self._last_frame: tuple | None = None  # (frame buffers, stream id -> row) of the last step
 
     # ---- streams ---------------------------------------------------------------------------------
     @property
@@ -124,6 +125,7 @@ class Engine:
         """Prepare every batch size before the first stream (the triton backend compiles its kernels and
         captures each bucket's CUDA graph, which the first frame of a bucket would otherwise do)."""
         self.backend.warmup()
+        self._last_frame = None  # warm-up frames overwrote the buffers the last step's statistics are in
 
     # ---- one frame ---------------------------------------------------------------------------------
     def step(self, user_audio_tokens: torch.Tensor, streams: list[int], forced_tokens: torch.Tensor | None = None,
@@ -160,6 +162,7 @@ class Engine:
             self.backend.frame(fb)
         self.last_frame_launches = launches  # Triton launches by kernel (a replayed graph counts its kernels)
         fb.download_tokens()
+        self._last_frame = (fb, {s: b for b, s in enumerate(streams)})
         st.t[slots] += 1
         tokens = torch.from_numpy(h.tokens[:B])
         if out is None:
@@ -170,6 +173,19 @@ class Engine:
             return out
         return (out, fb.text_logits[:B].to("cpu", torch.float32, copy=True),
                 fb.audio_logits[:B].to("cpu", torch.float32, copy=True))
+
+    def gate_means(self, streams: list[int]) -> torch.Tensor:
+        """[len(streams), num_layers] fp32: each layer's mean cross-attention gate (how much the stream
+        looked at its image; 0 without one) in the last step, for streams that were in it. Kept on the
+        device by every frame; read (a synchronisation) only here, when asked."""
+        if self._last_frame is None:
+            raise StreamError("no frame has run yet: gate statistics come from the last step")
+        fb, row_of = self._last_frame
+        missing = [s for s in streams if s not in row_of]
+        if missing:
+            raise StreamError(f"stream ids {missing} were not in the last step (its streams: {list(row_of)})")
+        rows = [row_of[s] for s in streams]
+        return fb.gate_mean[:, rows].T.to("cpu", copy=True)
 
     def _check_step(self, user, streams, forced, out):
         """(streams' records, user tokens, forced tokens or None) as numpy arrays; raises on bad input

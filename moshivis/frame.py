@@ -40,7 +40,8 @@ class FrameBuffers:
       forced [size, 1 + dep_q]    teacher forcing: tokens >= 0 replace the drawn ones, -1: draw
       temperature [size, 2]  text, audio (0: greedy)
     Outputs: tokens [size, 1 + dep_q] int64 after delays (-2 during warm-up), text_logits
-    [size, text_card] (`logits_dtype`), audio_logits [size, dep_q, audio_card] fp32.
+    [size, text_card] (`logits_dtype`), audio_logits [size, dep_q, audio_card] fp32, gate_mean
+    [num_layers, size] fp32 (each layer's mean cross-attention gate per row, 0 without an image).
     `host` holds numpy views of the host mirror of every input, and of tokens.
     """
 
@@ -56,6 +57,7 @@ class FrameBuffers:
         self.tokens = torch.empty(size, 1 + cfg.dep_q, dtype=torch.long, device=self.device)
         self.text_logits = torch.empty(size, cfg.text_card, dtype=logits_dtype, device=self.device)
         self.audio_logits = torch.empty(size, cfg.dep_q, cfg.audio_card, dtype=torch.float32, device=self.device)
+        self.gate_mean = torch.empty(cfg.num_layers, size, dtype=torch.float32, device=self.device)
         self._split(self, self._ints, widths)
         self._staged = self.device.type != "cpu"
         if self._staged:  # page-locked mirrors: asynchronous copies

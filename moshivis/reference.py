@@ -130,11 +130,13 @@ def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cac
 
 
 def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
-                    image_kv_rows: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+                    image_kv_rows: torch.Tensor, has_image: torch.Tensor,
+                    gate_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Layer i's gated cross-attention with its residual (SPEC.md §4.2).
 
     image_kv_rows [B, N, 2, H, D]: each stream's image K/V (anything where has_image [B] is False:
-    those rows are returned unchanged, as Kyutai skips the block without an image).
+    those rows are returned unchanged, as Kyutai skips the block without an image). gate_mean [B]
+    fp32, optional: receives each row's mean gate (0 without an image), on the device.
     """
     p = f"llm.transformer.layers.{i}"
     B, H, D = x.shape[0], cfg.num_heads, cfg.head_dim
@@ -144,6 +146,8 @@ def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
     a = linear(w, f"{XA}.out_proj.weight", attn.reshape(B, H * D))
     hidden = F.relu(linear(w, f"{p}.cross_attention.gate.alpha.0.weight", a))
     g = torch.sigmoid(linear(w, f"{p}.cross_attention.gate.alpha.2.weight", hidden) - 4)
+    if gate_mean is not None:
+        gate_mean.copy_(torch.where(has_image, g.float().mean(-1), 0.0))
     return torch.where(has_image[:, None], x + a * g, x)
 
 

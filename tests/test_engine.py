@@ -306,8 +306,9 @@ def test_warmup_prepares_every_bucket_and_changes_no_state(tiny_cfg, tiny_weight
 
 def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
     """Streams join and leave between frames, so frames run in buckets 1, 2 and 4 (padding rows in the
-    last) and a bucket is reused with other rows: every frame's tokens and logits match the torch
-    backend's (sampled, Philox draws shared by both)."""
+    last) and a bucket is reused with other rows: every frame's tokens, logits and per-layer gate means
+    match the torch backend's (sampled, Philox draws shared by both); a stream without an image has
+    gate means of exactly 0, one with an image strictly inside (0, 1)."""
     feats = torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen)
     user = torch.randint(-1, tiny_cfg.audio_card, (6, 3, tiny_cfg.num_audio_in), generator=gen)
     batches = [[0], [0, 1], [0, 1, 2], [2], [1, 2], [0, 2]]
@@ -316,10 +317,19 @@ def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
         engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=4, backend=backend)
         ids = [engine.open_stream(seed=9, image=feats), engine.open_stream(seed=8),
                engine.open_stream(seed=7, image=feats)]
-        runs.append([engine.step(user[t, :len(b)], [ids[i] for i in b], return_logits=True)
-                     for t, b in enumerate(batches)])
-    for (tok_a, text_a, audio_a), (tok_b, text_b, audio_b) in zip(*runs):
+        frames = []
+        for t, b in enumerate(batches):
+            streams = [ids[i] for i in b]
+            frames.append((*engine.step(user[t, :len(b)], streams, return_logits=True), engine.gate_means(streams)))
+            gates = frames[-1][-1]
+            assert (gates[[i == 1 for i in b]] == 0).all() and ((gates[[i != 1 for i in b]] > 0) &
+                                                               (gates[[i != 1 for i in b]] < 1)).all()
+        runs.append(frames)
+        with pytest.raises(StreamError, match="not in the last step"):
+            engine.gate_means([ids[1]])
+    for (tok_a, text_a, audio_a, gate_a), (tok_b, text_b, audio_b, gate_b) in zip(*runs):
         assert torch.equal(tok_a, tok_b)
         torch.testing.assert_close(text_b, text_a, atol=1e-4, rtol=0)
         torch.testing.assert_close(audio_b, audio_a, atol=1e-4, rtol=0)
-    assert any((tok >= 0).any() for tok, _, _ in runs[0])
+        torch.testing.assert_close(gate_b, gate_a, atol=1e-5, rtol=0)
+    assert any((frame[0] >= 0).any() for frame in runs[0])

@@ -47,7 +47,7 @@ class TorchBackend:
             for i in range(self.cfg.num_layers):
                 x = self.self_attention(i, x, rows, positions)
                 with phase("cross_attention"):
-                    x = self.cross_attention(i, x, fb.image_slots)
+                    x = self.cross_attention(i, x, fb.image_slots, fb.gate_mean[i])
                 x = self.ffn(i, x)
             h, text_logits = self.text_head(x)
         with phase("sampling"):
@@ -67,9 +67,9 @@ class TorchBackend:
     def self_attention(self, i, x, rows, positions):
         return R.self_attention(self.w, self.cfg, i, x, self.state.kv[i], rows, positions)
 
-    def cross_attention(self, i, x, image_slots):
+    def cross_attention(self, i, x, image_slots, gate_mean):
         kv_rows = self.pool.kv[image_slots.clamp(min=0)]  # [B, N, 2, H, D]: each row's image K/V
-        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0)
+        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0, gate_mean)
 
     def ffn(self, i, x):
         return R.ffn(self.w, i, x)

@@ -209,7 +209,7 @@ class TritonBackend:
                 self._linear(b, b.attn, layer["out_proj"], residual=x, out=x)
                 with phase("cross_attention"):
                     gated_cross_attention(x, image_kv=self.pool.kv, slots=fb.image_slots, out=x, workspace=b.cross_ws,
-                                          **layer["cross"])
+                                          gate_mean=fb.gate_mean[i], **layer["cross"])
                 self._linear(b, x, layer["linear_in"], norm="rms", norm_alpha=layer["norm2"], epilogue="silu_gate",
                              out=b.g)
                 self._linear(b, b.g, layer["linear_out"], residual=x, out=x)
