@@ -382,8 +382,8 @@ def _step_config(B: int, dim: int, dd: int, hidden: int, card: int, head_dim: in
 
     def bk(K: int, n: int) -> int:
         """BK for [n, BK] weight tiles over K columns."""
-        if use_dot:
-            b = max(64, wide // n) if int8 else 64
+        if use_dot:  # INT8: 128-bit weight loads, but at most 128 columns beside 64-row activation tiles
+            b = min(max(64, wide // n), 128 if bm == 64 else 1024) if int8 else 64
         elif int8:  # 128-bit loads, and as many bytes per tile as bf16 (twice the products)
             b = max(wide // n, min(1024, 2 * _GEMV_PRODUCTS // (bm * n)))
         else:
@@ -395,7 +395,8 @@ def _step_config(B: int, dim: int, dd: int, hidden: int, card: int, head_dim: in
            **{name: bk(dd, bn[name] if int8 else n_dd) for name in ("qkv", "ffn_in", "head")}}
     bd = max(16, next_pow2(head_dim))
     hb = 1
-    while int8 and bn["o"] * hb * bd < wide and (dd // head_dim) % (2 * hb) == 0:
+    # registers: the attention holds four [bm, hb, bd] fp32 tiles at once
+    while int8 and bn["o"] * hb * bd < wide and (dd // head_dim) % (2 * hb) == 0 and bm * 2 * hb * bd <= 8192:
         hb *= 2
     return StepConfig(use_dot, bm, bn, bks, bd, hb, num_warps=num_warps, num_stages=num_stages)
 
@@ -797,11 +798,11 @@ def _signature(int8: bool) -> dict:
 def audit_cases() -> list[dict]:
     """The fused step at moshika-vis shapes (dim 4096, dd 1024, hidden 2816, 16 heads x 64, card 2048,
     8 steps, 6 layers, 32001 text rows), bf16 activations and tables, dense bf16 or INT8 weights, on 132
-    SMs: B = 1 and 8 (FMA path), 17 and 256 (tl.dot path, 32- and 64-row tiles)."""
+    SMs: B = 1 and 8 (FMA path), 17, 64, 160 and 256 (tl.dot path, 32- and 64-row tiles)."""
     dim, dd, hidden, card, heads, steps, layers, text_rows = 4096, 1024, 2816, 2048, 16, 8, 6, 32001
     cases = []
     for int8 in (False, True):
-        for B in (1, 8, 17, 256):
+        for B in (1, 8, 17, 64, 160, 256):
             cfg = _step_config(B, dim, dd, hidden, card, dd // heads, _DEFAULT_SMS, int8)
             constexprs = dict(DIM=dim, DD=dd, HID=hidden, CARD=card, STEPS=steps, HEAD_DIM=dd // heads,
                               **_meta(cfg), HAS_SCALE=int8, DOT_PRECISION="tf32", FUSED=True)
@@ -810,8 +811,8 @@ def audit_cases() -> list[dict]:
             cases.append({"name": f"depformer_step{'_int8' if int8 else ''}_b{B}", "fn": _depformer_step_kernel,
                           "signature": sig, "constexprs": constexprs, "num_warps": cfg.num_warps,
                           "num_stages": cfg.num_stages,
-                          # as depformer_frame launches it: h rows of 4096, logits rows of 8 x 2048, int64
-                          # tokens of its [B, 8] buffer (step k > 0), the tables' rows
-                          "int_values": {"B": B, "stride_hb": dim, "stride_lb": steps * card, "stride_pb": steps,
+                          # as the runtime launches it: h rows of 4096, logits rows of 8 x 2048, int64 tokens
+                          # in a column of its [B, 9] frame tokens, the tables' rows
+                          "int_values": {"B": B, "stride_hb": dim, "stride_lb": steps * card, "stride_pb": steps + 1,
                                          "text_rows": text_rows, "audio_rows": card + 1, "num_layers": layers}})
     return cases

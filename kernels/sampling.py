@@ -347,8 +347,8 @@ def greedy_tokens_reference(logits: torch.Tensor, *, forced: torch.Tensor | None
 def audit_cases() -> list[dict]:
     """The kernel at moshika-vis shapes in bf16: text head (V = 32000, codebook 0) and an audio head
     (V = 2048, per-row codebook tensor), sampling and greedy variants; int_values are the integer
-    arguments of such a launch (contiguous [B, V] logits, contiguous per-row parameters and out; forced, as
-    the runtime passes it, a column of its [B, 9] frame buffer)."""
+    arguments of such a launch (contiguous [B, V] logits; per-row parameters, forced and out as the runtime
+    passes them: columns of its frame buffers)."""
     sig = {"logits_ptr": "*bf16", "stride_lb": "i32", "temp_ptr": "*fp32", "stride_t": "i32",
            "topk_ptr": "*i64", "stride_k": "i32", "seed_ptr": "*i64", "stride_s": "i32",
            "frame_ptr": "*i64", "stride_f": "i32", "cb_ptr": "*i64", "stride_cb": "i32", "cb_value": "i32",
@@ -357,10 +357,11 @@ def audit_cases() -> list[dict]:
     for name, V, greedy, per_row in (("text", 32000, False, False), ("audio", 2048, False, True),
                                      ("text_greedy", 32000, True, False)):
         block_r, num_warps = _launch_config(V)
-        ones = {n: 1 for n in ("stride_t", "stride_k", "stride_s", "stride_f", "stride_cb", "stride_o")}
+        # as the runtime passes them: columns of its [B, 2] temperature / top-k, [B, 9] forced / tokens
+        strides = {"stride_t": 2, "stride_k": 2, "stride_s": 1, "stride_f": 1, "stride_cb": 1, "stride_o": 9}
         cases.append({"name": f"sample_tokens_{name}", "fn": _sample_kernel, "signature": dict(sig),
                       "constexprs": {"GREEDY": greedy, "CB_PER_ROW": per_row, "HAS_FORCED": True,
                                      "BLOCK_R": block_r},
-                      "int_values": {"stride_lb": V, "V": V, "cb_value": 0, "stride_fo": 9, **ones},
+                      "int_values": {"stride_lb": V, "V": V, "cb_value": 0, "stride_fo": 9, **strides},
                       "num_warps": num_warps, "num_stages": _NUM_STAGES})
     return cases

@@ -139,8 +139,8 @@ class Engine:
         Returns tokens [B, 1 + dep_q] after delays (-2 during the warm-up frames), written into `out`
         (int64 [B, 1 + dep_q] on the CPU) when given, and with `return_logits` (tokens, text_logits
         [B, text_card], audio_logits [B, dep_q, audio_card]) as fp32 copies.
-        In steady state (same batch size, no new image) a frame allocates no tensor except what it
-        returns, and nothing with `out` and without logits.
+        On the triton backend, in steady state (a batch size seen before, no new image), a frame
+        allocates no tensor except what it returns, and nothing with `out` and without logits.
         """
         cfg, st = self.cfg, self.state
         recs, user, forced = self._check_step(user_audio_tokens, streams, forced_tokens, out)

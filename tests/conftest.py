@@ -35,8 +35,8 @@ def pytest_collection_modifyitems(config, items):
                       else "needs native Triton on the GPU: unset TRITON_INTERPRET")
             item.add_marker(pytest.mark.skip(reason=reason))
         elif gpu is None and native_gpu:
-            item.add_marker(pytest.mark.skip(reason="a CPU test (Triton interpreter): on a GPU machine run it with "
-                                                    "TRITON_INTERPRET=1"))
+            item.add_marker(pytest.mark.skip(reason="a CPU test (CPU tensors, Triton interpreter): on a GPU machine "
+                                                    "run it with TRITON_INTERPRET=1"))
 
 
 @pytest.fixture(scope="session")

@@ -216,6 +216,8 @@ def test_triton_steady_state_frames_allocate_nothing(tiny_cfg, tiny_weights, gen
     streams in the bucket of four, one padding row; an image attached mid-run is projected (that frame
     may allocate) and then costs nothing either. The same probe sees the torch backend allocate."""
     engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=4, backend="triton")
+    with pytest.raises(StreamError, match="no frame has run yet"):
+        engine.gate_means([0])
     feats = torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen)
     ids = [engine.open_stream(seed=1, image=feats), engine.open_stream(seed=2), engine.open_stream(seed=3)]
     user = torch.randint(-1, tiny_cfg.audio_card, (3, tiny_cfg.num_audio_in), generator=gen)
@@ -308,10 +310,14 @@ def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
     """Streams join and leave between frames, so frames run in buckets 1, 2 and 4 (padding rows in the
     last) and a bucket is reused with other rows: every frame's tokens, logits and per-layer gate means
     match the torch backend's (sampled, Philox draws shared by both); a stream without an image has
-    gate means of exactly 0, one with an image strictly inside (0, 1)."""
+    gate means of exactly 0, one with an image strictly inside (0, 1). One frame is partly teacher
+    forced: its forced entries (>= 0) are the tokens that enter the streams' buffers, the -1 entries
+    are drawn (the same on both backends)."""
     feats = torch.randn(tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim, generator=gen)
     user = torch.randint(-1, tiny_cfg.audio_card, (6, 3, tiny_cfg.num_audio_in), generator=gen)
     batches = [[0], [0, 1], [0, 1, 2], [2], [1, 2], [0, 2]]
+    forced = torch.randint(0, tiny_cfg.audio_card, (3, 1 + tiny_cfg.dep_q), generator=gen)
+    forced[torch.rand(forced.shape, generator=gen) < 0.4] = -1
     runs = []
     for backend in ("torch", "triton"):
         engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=4, backend=backend)
@@ -320,13 +326,22 @@ def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
         frames = []
         for t, b in enumerate(batches):
             streams = [ids[i] for i in b]
-            frames.append((*engine.step(user[t, :len(b)], streams, return_logits=True), engine.gate_means(streams)))
+            slots = [engine._streams[i].slot for i in streams]
+            column = (engine.state.t[slots] + 1) % engine.state.tokens.shape[-1]  # where this frame's tokens go
+            f = forced if t == 2 else None
+            frames.append((*engine.step(user[t, :len(b)], streams, forced_tokens=f, return_logits=True),
+                           engine.gate_means(streams)))
+            if f is not None:
+                written = engine.state.tokens[slots, : 1 + tiny_cfg.dep_q].cpu()[torch.arange(len(b)), :, column]
+                assert torch.equal(written[f >= 0], f[f >= 0]) and (written[f < 0] >= 0).all()
             gates = frames[-1][-1]
             assert (gates[[i == 1 for i in b]] == 0).all() and ((gates[[i != 1 for i in b]] > 0) &
                                                                (gates[[i != 1 for i in b]] < 1)).all()
         runs.append(frames)
         with pytest.raises(StreamError, match="not in the last step"):
             engine.gate_means([ids[1]])
+        with pytest.raises(StreamError, match=r"out must be an int64 CPU tensor of shape \[1, 9\]"):
+            engine.step(user[0, :1], ids[:1], out=torch.empty(1, 8, dtype=torch.long))
     for (tok_a, text_a, audio_a, gate_a), (tok_b, text_b, audio_b, gate_b) in zip(*runs):
         assert torch.equal(tok_a, tok_b)
         torch.testing.assert_close(text_b, text_a, atol=1e-4, rtol=0)

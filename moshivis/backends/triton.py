@@ -75,7 +75,6 @@ class _Bucket:
 
     def __init__(self, backend: "TritonBackend", size: int):
         cfg, dev, dt = backend.cfg, backend.device, backend.dtype
-        self.size = size
         self.fb = FrameBuffers(cfg, size, dev, dt)
         act = dict(dtype=dt, device=dev)
         self.inputs = torch.empty(size, 1 + cfg.n_q, dtype=torch.long, device=dev)
@@ -177,22 +176,24 @@ class TritonBackend:
             torch.cuda.set_stream(stream)  # a failed capture_end leaves its side stream current
             torch.cuda.synchronize(self.device)
             return
+        finally:
+            for name, n in launches.items():  # a capture runs nothing: the frame's count is the eager run's
+                record_launch(name, -n)
         b.graph, b.launches = graph, dict(launches)
-        for name, n in launches.items():  # a capture runs nothing: the frame's count is the eager run's
-            record_launch(name, -n)
 
     def buckets(self) -> list[int]:
         """Every bucket size: powers of two below max_streams, and max_streams."""
         n = self.state.max_streams
         return sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
 
-    def warmup(self, sizes: list[int] | None = None) -> None:
-        """Make the buffers, compile the kernels and capture the graph of each bucket (default: all) ahead
-        of serving, so no live frame pays for it. The frames run on padding rows only: no state changes."""
-        for size in self.buckets() if sizes is None else sizes:
+    def warmup(self) -> None:
+        """Make the buffers, compile the kernels and capture the graph of every bucket ahead of serving,
+        so no live frame pays for it. The frames run on padding rows only: no state changes."""
+        graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        for size in self.buckets():
             fb = self.buffers(size)
             fb.pad(0)
-            for _ in range(2):  # eager + capture, then a replay
+            for _ in range(2 if graphs else 1):  # eager + capture, then a replay
                 self.frame(fb)
             fb.download_tokens()
 
