@@ -130,7 +130,7 @@ def measure(args, weights: dict | None = None, log=print, batches: dict | None =
             log("# triton backend without a GPU: kernels run in the Triton interpreter, so only its launches "
                 "per frame are counted (one frame); its latency needs a GPU")
         for batch in (batches or {}).get(backend, args.batch):
-            frames, warmup = (0, 0) if interpreted else (args.frames, args.warmup)
+            frames, warmup = (0, 1) if interpreted else (args.frames, args.warmup)  # counted: a steady frame
             try:
                 r = run_config(cfg, weights, backend, batch, frames, warmup, device, bandwidth, weight_bytes,
                                args.seed, cuda_graphs=not args.eager)
