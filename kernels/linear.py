@@ -413,8 +413,10 @@ class LinearWorkspace:
         ws = [w for w in workspaces if w is not None]
         if not ws:
             return None
-        size = lambda name: max((getattr(w, name).numel() for w in ws if getattr(w, name) is not None),  # noqa: E731
-                                default=0)
+
+        def size(name: str) -> int:
+            return max((getattr(w, name).numel() for w in ws if getattr(w, name) is not None), default=0)
+
         rstd = size("rstd")
         return LinearWorkspace(torch.empty(size("partials"), dtype=torch.float32, device=device),
                                torch.zeros(size("counters"), dtype=torch.int32, device=device),

@@ -7,6 +7,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Special token ids (SPEC.md §2), defined beside the kernels that read and write them: ZERO_TOKEN (-1)
+# embeds as exact zeros; UNGENERATED (-2) is not produced yet, also what a warm-up frame outputs.
+from moshivis_kernels.token_delays import UNGENERATED, ZERO_TOKEN  # noqa: F401  (part of this module's API)
+
 
 class ConfigError(ValueError):
     """An impossible or unsupported config value; the message names the field."""
@@ -14,10 +18,6 @@ class ConfigError(ValueError):
 
 # The moshika-vis delays: text 0, model audio 0,1,...,1, user audio 0,1,...,1.
 _MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
-
-# Special token ids (SPEC.md §2).
-ZERO_TOKEN = -1  # embedding is exact zeros
-UNGENERATED = -2  # not yet produced; also what a warm-up frame outputs
 
 
 @dataclass

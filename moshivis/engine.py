@@ -142,7 +142,7 @@ class Engine:
         On the triton backend, in steady state (a batch size seen before, no new image), a frame
         allocates no tensor except what it returns, and nothing with `out` and without logits.
         """
-        cfg, st = self.cfg, self.state
+        st = self.state
         recs, user, forced = self._check_step(user_audio_tokens, streams, forced_tokens, out)
         B = len(recs)
         fb = self.backend.buffers(B)
