@@ -6,7 +6,7 @@ setup(
     description="Triton kernels and a streaming runtime for Kyutai's MoshiVis",
     python_requires=">=3.10",
     packages=["moshivis", "moshivis.backends", "moshivis_kernels"],
-    package_dir={"moshivis_kernels": "kernels"},
+    package_dir={"moshivis_kernels": "kernels/moshivis_kernels"},
     install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
