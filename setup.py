@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Triton kernels and a streaming runtime for Kyutai's MoshiVis",
     python_requires=">=3.10",
-    packages=["moshivis", "moshivis.backends", "moshivis_kernels"],
+    packages=["moshivis", "moshivis.backends", "moshivis.serve", "moshivis_kernels"],
+    package_data={"moshivis.serve": ["web/*", "web/**/*"]},
     package_dir={"moshivis_kernels": "kernels/moshivis_kernels"},
     install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
@@ -13,6 +14,6 @@ setup(
                 "websockets>=17.4"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
         "bench": ["matplotlib", "nvtx", "bitsandbytes"],
-        "serve": ["websockets>=17.4"],
+        "serve": ["websockets>=17.4", "sphn>=0.2,<0.3"],
     },
 )

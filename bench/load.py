@@ -29,7 +29,8 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from moshivis.client import Client, ServerError
-from moshivis.server import Server, add_engine_args, add_server_args, build_engine, server_config
+from moshivis.serve import Server
+from moshivis.serve.options import add_engine_args, add_server_args, build_engine, server_config
 
 from .common import environment, percentile, write_json
 

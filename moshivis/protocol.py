@@ -263,6 +263,8 @@ class Open:
     ref: int | str | None = None
     image_file: bytes | None = None
     audio: str = "tokens"
+    xa_start: int = 0
+    image_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -277,6 +279,7 @@ class Image:
     image: torch.Tensor | None
     ref: int | str | None = None
     image_file: bytes | None = None
+    image_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -284,8 +287,11 @@ class Close:
     ref: int | str | None = None
 
 
-_FIELDS = {"open": ({"seed", "sampling", "audio"}, {"image", "image_file"}), "audio": (set(), {"tokens", "pcm"}),
-           "image": (set(), {"image", "image_file"}), "close": (set(), set())}
+_IMAGE_OPTIONS = {"image_resolution", "center_crop"}
+_FIELDS = {"open": ({"seed", "sampling", "audio", "xa_start"} | _IMAGE_OPTIONS, {"image", "image_file"}),
+           "audio": (set(), {"tokens", "pcm"}), "image": (_IMAGE_OPTIONS, {"image", "image_file"}),
+           "close": (set(), set())}
+MAX_XA_START = 1 << 20
 
 
 def parse_request(msg: Message, cfg: MoshiVisConfig, max_image_file_bytes: int | None = None
@@ -317,8 +323,13 @@ def parse_request(msg: Message, cfg: MoshiVisConfig, max_image_file_bytes: int |
         audio = msg.header.get("audio", "tokens")
         if audio not in AUDIO_KINDS:
             raise ProtocolError("bad_message", f"open: audio must be one of {list(AUDIO_KINDS)}, got {audio!r}")
+        xa_start = msg.header.get("xa_start", 0)
+        if isinstance(xa_start, bool) or not isinstance(xa_start, int) or not 0 <= xa_start <= MAX_XA_START:
+            raise ProtocolError("bad_message", f"open: xa_start must be an integer in [0, {MAX_XA_START}] (the frame "
+                                               f"from which the stream looks at its image), got {xa_start!r}")
         image, image_file = _image(msg, cfg, max_image_file_bytes)
-        return Open(seed, _sampling(msg.header.get("sampling")), image, ref, image_file, audio)
+        return Open(seed, _sampling(msg.header.get("sampling")), image, ref, image_file, audio, xa_start,
+                    _image_options(msg, image_file))
     if kind == "audio":
         if not msg.tensors:
             raise ProtocolError("bad_message", f"audio: tensor 'tokens' is missing (or 'pcm' [{PCM_FRAME}] in a "
@@ -330,8 +341,28 @@ def parse_request(msg: Message, cfg: MoshiVisConfig, max_image_file_bytes: int |
         return Audio(None, ref, check_pcm(msg.tensors["pcm"]))
     if kind == "image":
         image, image_file = _image(msg, cfg, max_image_file_bytes)
-        return Image(image, ref, image_file)
+        return Image(image, ref, image_file, _image_options(msg, image_file))
     return Close(ref)
+
+
+def _image_options(msg: Message, image_file: bytes | None) -> dict:
+    """The image encoder's options of an image file: `image_resolution` (pixels of the square side) and
+    `center_crop` (crop the centre square before resizing), as Kyutai's clients ask for them."""
+    options = {}
+    resolution = msg.header.get("image_resolution")
+    crop = msg.header.get("center_crop")
+    if (resolution is not None or crop is not None) and image_file is None:
+        raise ProtocolError("bad_message", f"{msg.type}: image_resolution and center_crop apply to image files only")
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or not 1 <= resolution <= 4096:
+            raise ProtocolError("bad_message", f"{msg.type}: image_resolution must be an integer in [1, 4096], got "
+                                               f"{resolution!r}")
+        options["resolution"] = resolution
+    if crop is not None:
+        if not isinstance(crop, bool):
+            raise ProtocolError("bad_message", f"{msg.type}: center_crop must be true or false, got {crop!r}")
+        options["center_crop"] = crop
+    return options
 
 
 def _image(msg: Message, cfg: MoshiVisConfig, max_file_bytes: int | None) -> tuple[torch.Tensor | None, bytes | None]:

@@ -34,7 +34,8 @@ from moshivis import Engine, SamplingParams, preset, random_init
 from moshivis import protocol as P
 from moshivis.client import Client, ServerError
 from moshivis.client import main as client_main
-from moshivis.server import MediaError, Server, ServerConfig, build_media
+from moshivis.serve import MediaError, Server, ServerConfig
+from moshivis.serve.options import build_media
 from test_e2e import make_chat_folder, tone
 
 HOST = "127.0.0.1"
@@ -360,8 +361,6 @@ def test_admission_control_and_metrics(cfg, weights, gen):
     """max_streams=2, one image slot: refusals are clear, counted, and lifted when room is made."""
     engine = Engine(cfg, weights, max_streams=2, max_images=1)
     x, y = features(cfg, gen), features(cfg, gen)
-    from websockets.exceptions import InvalidStatus
-
     async def refused(port, code, pattern, **kw):
         async with await Client.connect(HOST, port) as c:
             with pytest.raises(ServerError, match=pattern) as e:
@@ -379,9 +378,11 @@ def test_admission_control_and_metrics(cfg, weights, gen):
             await refused(server.port, "server_full", "server full: all 2 streams are in use", seed=3)
             await settle(server, sessions=2)
             idle = [await Client.connect(HOST, server.port) for _ in range(2)]  # 4 connections: the limit
-            with pytest.raises(InvalidStatus, match="503"):
-                await Client.connect(HOST, server.port)
-            for c in idle:
+            newest = await Client.connect(HOST, server.port)  # room is made by evicting the oldest idle one
+            msg = await idle[0].recv()
+            assert (msg.type, msg.header["code"], msg.header["fatal"]) == ("error", "evicted", True)
+            assert await idle[0].recv() is None and idle[0].ws.close_code == 1013
+            for c in idle[1:] + [newest]:
                 await c.aclose()
             await settle(server, sessions=2)
             await b.set_image(y)
@@ -407,9 +408,28 @@ def test_admission_control_and_metrics(cfg, weights, gen):
     assert samples["moshivis_frames_total"] == 1 and samples["moshivis_deadline_misses_total"] == 0
     assert samples['moshivis_frame_seconds_bucket{le="+Inf"}'] == 1 == samples["moshivis_frame_seconds_count"]
     assert samples['moshivis_errors_total{code="image_pool_full"}'] == 1
-    assert samples['moshivis_refusals_total{reason="too_many_connections"}'] == 1
+    assert samples['moshivis_closes_total{reason="evicted"}'] == 1
     assert types["moshivis_frame_seconds"] == "histogram"
     assert engine.streams == [] and engine.pool.used == 0
+
+
+def test_connection_limit_refuses_when_every_connection_holds_a_stream(cfg, weights):
+    engine = Engine(cfg, weights, max_streams=2)
+    from websockets.exceptions import InvalidStatus
+
+    async def scenario():
+        async with serving(engine, max_connections=2) as server:
+            held = [await Client.connect(HOST, server.port) for _ in range(2)]
+            for i, c in enumerate(held):
+                await c.open(seed=i)
+            with pytest.raises(InvalidStatus, match="503"):
+                await Client.connect(HOST, server.port)
+            for c in held:
+                await c.aclose()
+            return await metrics_text(server.port)
+
+    _, samples = parse_metrics(run(scenario()))
+    assert samples['moshivis_refusals_total{reason="too_many_connections"}'] == 1
 
 
 def test_vanishing_client_mid_frame_frees_its_slot_and_image(cfg, weights, gen):
@@ -441,7 +461,7 @@ def test_vanishing_client_mid_frame_frees_its_slot_and_image(cfg, weights, gen):
             record = await talker
             await settle(server)
             assert engine.streams == [] and engine.pool.used == 0
-            assert server._reserved == 0 and server._sessions == {}
+            assert server.scheduler._reserved == 0 and server.sessions == {}
             async with await Client.connect(HOST, server.port) as w:  # its slot and image slot are free again
                 await w.open(seed=3, image=features(cfg, gen))
                 assert engine.pool.used == 1
@@ -470,13 +490,14 @@ def test_graceful_shutdown_finishes_the_frame_and_tells_clients(cfg, weights, ge
         clients = [await Client.connect(HOST, server.port) for _ in range(2)]
         for i, c in enumerate(clients):
             await c.open(seed=i)
-            await c.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+            for _ in range(10):  # streams are stepped while they have input
+                await c.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
         ticks = [[(await c.recv()).header["tick"]] for c in clients]
         engine.step = slow_step
         in_step.clear()
         assert await loop.run_in_executor(None, in_step.wait, 10)
         await server.shutdown("maintenance")  # while a frame is in flight
-        in_flight = server._tick - 1
+        in_flight = server.scheduler._tick - 1
         for c, got in zip(clients, ticks):
             while (msg := await c.recv()).type == "frame":
                 got.append(msg.header["tick"])
@@ -521,7 +542,7 @@ def test_soak_with_churn_does_not_grow(cfg, weights):
                     msg = await c.recv()
                     assert msg is not None
                     if msg.type == "error":
-                        assert msg.header["code"] == "image_pool_full", msg.header
+                        assert msg.header["code"] in ("image_pool_full", "rate_limited"), msg.header
                     image_pending &= msg.type not in ("error", "image_set")
                     if msg.type != "frame" or msg.header["seq"] is None:
                         continue
@@ -565,11 +586,11 @@ def test_soak_with_churn_does_not_grow(cfg, weights):
             tracemalloc.stop()
             traced = sum(st.size for st in snapshot.statistics("filename"))
             ours = sum(st.size for st in snapshot.filter_traces(
-                [tracemalloc.Filter(True, f"*{m}") for m in ("server.py", "protocol.py", "client.py", "websockets/*")]
+                [tracemalloc.Filter(True, f"*{m}") for m in ("serve/*", "protocol.py", "client.py", "websockets/*")]
             ).statistics("filename"))
             assert ours < 32 << 10, f"{ours} bytes allocated by the server, protocol, client still held"
             assert engine.streams == [] and engine.pool.used == 0 and sum(engine.pool.refcount) == 0
-            assert server._sessions == {} and server._reserved == 0 and server._commands == []
+            assert server.sessions == {} and server.scheduler._reserved == 0 and server.scheduler._commands == []
             m = server.metrics
             return traced, rss() - rss0, m.frames, m.sessions, sum(m.refusals.values())
 
@@ -583,7 +604,7 @@ def test_soak_with_churn_does_not_grow(cfg, weights):
 async def settle(server: Server, sessions: int = 0) -> None:
     """Wait (at most 2 s) until the last closes are applied and the handlers are done."""
     for _ in range(100):
-        if len(server._sessions) <= sessions and not server._commands:
+        if len(server.sessions) <= sessions and not server.scheduler._commands:
             return
         await asyncio.sleep(0.02)
 
@@ -625,11 +646,17 @@ def parse_metrics(text: str) -> tuple[dict, dict]:
         assert types[base] != "counter" or name.endswith("_total")
         samples[name + (m[2] or "")] = float(m[3])
     for name, kind in types.items():
-        if kind == "histogram":
-            buckets = [(k, v) for k, v in samples.items() if k.startswith(name + "_bucket")]
-            values = [v for _, v in buckets]
-            assert values == sorted(values) and buckets[-1][0].endswith('{le="+Inf"}')
-            assert values[-1] == samples[name + "_count"]
+        if kind == "histogram":  # per label set (a family may be labelled, e.g. by stage): cumulative buckets
+            series: dict[str, list] = {}
+            for k, v in samples.items():
+                if k.startswith(name + "_bucket{"):
+                    labels = re.sub(r',?le="[^"]*"', "", k[len(name + "_bucket"):])
+                    series.setdefault(labels.replace("{,", "{"), []).append((k, v))
+            assert series, f"histogram {name} has no buckets"
+            for labels, buckets in series.items():
+                values = [v for _, v in buckets]
+                assert values == sorted(values) and buckets[-1][0].endswith('le="+Inf"}')
+                assert values[-1] == samples[name + "_count" + ("" if labels == "{}" else labels)]
     return types, samples
 
 
@@ -785,7 +812,7 @@ def test_bad_image_files_and_pcm_frames_get_errors_for_that_client_only(chat_fil
     frame = torch.zeros(P.PCM_FRAME)
     before_open = [
         (P.open_message(image_file=truncated, audio="pcm"), "bad_image", r"open: image file is corrupt or truncated"),
-        (P.open_message(image_file=text), "bad_image", r"open: image file is not a PNG or JPEG image"),
+        (P.open_message(image_file=text), "bad_image", r"open: image file is not an image Pillow can read"),
         (P.open_message(image_file=f["png"], image=torch.zeros(16, 24)), "bad_message", "not both"),
         (P.open_message(audio="wav"), "bad_message", r"audio must be one of \['tokens', 'pcm'\]"),
     ]

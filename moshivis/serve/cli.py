@@ -1,0 +1,121 @@
+"""python -m moshivis.server: many conversations over WebSocket, batched through ONE engine.
+
+python -m moshivis.server [--demo | --preset small | --config CONFIG.json] [--checkpoint PATH]
+       [--backend torch|triton] [--max-streams N] [--max-images N] [--memory-budget-mb MB]
+       [--host 127.0.0.1] [--port 8998] [--ssl-cert PEM --ssl-key PEM] [--mode realtime|lockstep]
+       [--mimi FILE|DIR] [--siglip FILE] [--tokenizer FILE] [...limits, see --help]
+
+One port serves: the web page (`GET /`), Kyutai's protocol (`/api/chat`: Kyutai's web clients,
+`moshi.client`, `moshi-cli`), our own protocol (`moshivis.protocol`, any other WebSocket path),
+Prometheus metrics (`GET /metrics`) and recent figures (`GET /api/stats`). Without --checkpoint the
+weights are seeded random (`random_init`), for load tests; `--demo` runs a tiny random model with
+Mimi, SigLIP and a tokenizer made on the fly, so the whole speech + image path works with no files.
+Speech (PCM sessions and /api/chat) needs --mimi, image files --siglip (or a --checkpoint holding the
+tower), the transcript --tokenizer. Scheduling and bounds: `moshivis.serve.scheduler`, `.local`.
+Bad options or files: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import ssl
+import sys
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from .local import Server
+from .media import MediaError
+from .options import (add_engine_args, add_media_args, add_server_args, build_engine, build_media,
+                      memory_model, server_config)
+
+log = logging.getLogger("moshivis.server")
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("--ssl-cert and --ssl-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--ssl-cert {cert} / --ssl-key {key}: {e}") from None
+    return ctx
+
+
+async def _serve(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tls = ssl_context(args.ssl_cert, args.ssl_key)
+    if args.demo:
+        from ..demo import demo_bundle
+        print("moshivis server --demo: a TINY RANDOM model, Mimi, SigLIP and tokenizer made on the fly; its "
+              "speech is noise and its words random (no downloaded weights)", flush=True)
+        cfg, weights, media = demo_bundle(args.seed)
+        engine = build_engine(args, cfg, weights)
+        media.codec.model.to(engine.device)
+        media.vision.model.to(engine.device)
+    else:
+        engine = build_engine(args)
+        media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
+    config = server_config(args, args.host, args.port)
+    server = await Server(engine, config, media, ssl=tls, max_image_resolution=args.max_image_resolution).start()
+    mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(server.shutdown(f"signal {s.name}")))
+    http, ws = ("https", "wss") if tls else ("http", "ws")
+    print(f"moshivis server: {http}://{args.host}:{server.port}/ (web page), {ws}://{args.host}:{server.port}"
+          f"/api/chat (Kyutai's protocol), {ws}://{args.host}:{server.port}/ (ours), "
+          f"{http}://{args.host}:{server.port}/metrics\n"
+          f"  {engine.max_streams} streams x {mem['kv_bytes_per_stream'] / 2**20:.1f} MiB K/V, "
+          f"{engine.pool.capacity} image slots x {mem['image_bytes_per_slot'] / 2**20:.1f} MiB; "
+          f"mode {args.mode}, tick {args.tick_ms} ms, backend {args.backend}, {engine.device}\n"
+          f"  speech: {'yes' if media.codec else 'no (--mimi)'}, image files: "
+          f"{'yes' if media.vision else 'no (--siglip)'}, text: {'yes' if media.tokenizer else 'no (--tokenizer)'}",
+          flush=True)
+    await server.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(ap)
+    add_server_args(ap)
+    add_media_args(ap)
+    ap.add_argument("--demo", action="store_true", help="a tiny random model with Mimi, SigLIP and a tokenizer made "
+                                                        "on the fly (ignores --config/--checkpoint/--mimi/...)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    ap.add_argument("--port", type=int, default=8998)
+    ap.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers need it for the microphone "
+                                       "anywhere but localhost)")
+    ap.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
+    ap.add_argument("--max-image-resolution", type=int,
+                    help="largest image side Kyutai's clients may ask for (default: the encoder's own size)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve(args))
+    except (ConfigError, CheckpointError, MediaError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"error: port {args.port} on {args.host} is already in use (pick another with --port)",
+                  file=sys.stderr)
+            return 2
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

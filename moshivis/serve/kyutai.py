@@ -1,0 +1,248 @@
+"""Kyutai's own wire protocol on `/api/chat`, so Kyutai's clients (the MoshiVis and Moshi web clients,
+`moshi.client`, `moshi-cli`) talk to our engine.
+
+Every message is binary, its first byte the kind (Kyutai's `rust/protocol.md`):
+  0x00 handshake   S->C  sent once the stream is open (after the image is encoded): 00 + u32 protocol
+                         version 0 + u32 model version 0, as Kyutai's Rust servers send it
+  0x01 audio       both  Ogg pages of 24 kHz mono Opus; page boundaries need not match messages
+  0x02 text        S->C  a UTF-8 piece of the transcript (sessions without an image: Moshi's clients)
+  0x05 error       S->C  UTF-8 reason (a bad request, a full server: then the connection closes)
+  0x06 ping        both  answered with 0x06 (a page measures its round trip with it)
+  0x07 coloured    S->C  colour byte 0..10 + UTF-8 piece (sessions with an image: MoshiVis' clients);
+                         colour = round(clamp((g - 0.005) / 0.016, 0, 1) * 10), g the cross-attention
+                         gate averaged over the last 10 layers in the frame that produced the token
+  0x08 image       C->S  the bytes of an image file (PNG, JPEG, WebP, GIF, BMP)
+  0x03 control, 0x0A rating (C->S) are accepted and ignored (logged); any other kind is answered 0x05.
+Nothing else is ever sent (a Kyutai client's decoder throws on kinds it does not know).
+
+Session start, as MoshiVis does it: the client may send 0x08 + image as its first message without
+waiting; the server answers 0x00 once the image is encoded and the stream is open. A first message of
+audio (Moshi's clients send no image) opens a stream without an image. A later 0x08 replaces the
+image (our extension; Kyutai's clients never send one). A refused open (full server) is answered 0x05
+with the reason, then the connection closes. There is no close message: either side closes the socket.
+
+Query parameters (those Kyutai's web clients send), each range-checked (a bad value: 0x05 naming it):
+  text_temperature, audio_temperature (>= 0), text_topk, audio_topk (>= 1, at most the vocabulary):
+      the stream's sampling (absent: our defaults, Kyutai's PyTorch ones: 0.7/25 text, 0.8/250 audio)
+  text_seed, audio_seed (integers >= 0): together key the stream's random draws (the engine draws
+      text and audio from one counter-based generator keyed by one seed); absent: a random seed
+  repetition_penalty (>= 1), repetition_penalty_context (>= 0 tokens): on the text token, as Kyutai's
+      Rust server applies it
+  pad_mult: added to the text padding token's log-probability, as Kyutai's Rust server does
+  image_resolution (pixels; clamped to [10 x patch, the server's maximum] and rounded down to a
+      multiple of the patch, as Kyutai's Rust server does), center_crop (true/false): preprocessing
+  xa_start (frames >= 0): the stream looks at its image only from that frame on
+  max_steps (frames >= 1): the session ends after that many frames (Kyutai's Rust server: 4500 cap)
+  text_temperature_gating_influence, worker_auth_id, email and unknown names: ignored
+"""
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+
+import numpy as np
+import torch
+
+from .. import protocol as P
+from ..engine import SamplingParams
+from .scheduler import OpenRequest
+from .session import Session
+
+log = logging.getLogger("moshivis.server")
+
+HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING, COLORED_TEXT, IMAGE, RATING = (
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x0A)
+PATH = "/api/chat"
+MAX_AUDIO_MESSAGE = 1 << 16  # an Ogg page is at most 65307 bytes
+IGNORED = ("text_temperature_gating_influence", "worker_auth_id", "email")
+
+
+def colour(gate: float) -> int:
+    """Kyutai's text colour 0..10 from the mean gate of the last 10 layers."""
+    return int(round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10))
+
+
+def _number(query: dict, name: str, kind, lo, hi, default):
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise P.ProtocolError("bad_query", f"query parameter {name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value) or not lo <= value <= hi:
+        raise P.ProtocolError("bad_query", f"query parameter {name}={raw!r} is out of range [{lo}, {hi}]")
+    return value
+
+
+def parse_query(query: dict[str, str], cfg, max_resolution: int | None, patch: int | None) -> tuple[OpenRequest, int | None]:
+    """The open request a Kyutai client asks for, and its max_steps; ProtocolError bad_query names a bad
+    parameter."""
+    d = SamplingParams()
+    sampling = dict(
+        temperature_text=_number(query, "text_temperature", float, 0.0, 100.0, d.temperature_text),
+        top_k_text=_number(query, "text_topk", int, 1, cfg.text_card, d.top_k_text),
+        temperature_audio=_number(query, "audio_temperature", float, 0.0, 100.0, d.temperature_audio),
+        top_k_audio=_number(query, "audio_topk", int, 1, cfg.audio_card, d.top_k_audio),
+        repetition_penalty=_number(query, "repetition_penalty", float, 1.0, 100.0, d.repetition_penalty),
+        repetition_penalty_context=_number(query, "repetition_penalty_context", int, 0,
+                                           SamplingParams.MAX_REPETITION_CONTEXT, d.repetition_penalty_context),
+        pad_mult=_number(query, "pad_mult", float, -100.0, 100.0, d.pad_mult),
+    )
+    text_seed = _number(query, "text_seed", int, 0, 2 ** 63 - 1, None)
+    audio_seed = _number(query, "audio_seed", int, 0, 2 ** 63 - 1, None)
+    if text_seed is None and audio_seed is None:
+        seed = secrets.randbits(63)
+    else:
+        seed = ((text_seed or 0) * 1_000_003 + (audio_seed or 0)) % 2 ** 63
+    options = {}
+    if max_resolution is not None:
+        resolution = _number(query, "image_resolution", int, 1, 1 << 16, None)
+        if resolution is not None:  # Kyutai's Rust server: a multiple of the patch in [10 x patch, max]
+            resolution = min(max(resolution, 10 * patch), max_resolution) // patch * patch
+            options["resolution"] = resolution
+        crop = query.get("center_crop")
+        if crop not in (None, ""):
+            if crop.lower() not in ("true", "false", "1", "0"):
+                raise P.ProtocolError("bad_query", f"query parameter center_crop={crop!r} is not true or false")
+            options["center_crop"] = crop.lower() in ("true", "1")
+    xa_start = _number(query, "xa_start", int, 0, P.MAX_XA_START, 0)
+    max_steps = _number(query, "max_steps", int, 1, 1 << 30, None)
+    try:
+        params = SamplingParams(**sampling)
+    except ValueError as e:
+        raise P.ProtocolError("bad_query", f"query: {e}") from None
+    return OpenRequest(seed=seed, sampling=params, image_options=options, audio="pcm", xa_start=xa_start), max_steps
+
+
+class KyutaiSession(Session):
+    """One client of Kyutai's protocol: Opus in (decoded and cut into 1920-sample frames for Mimi), the
+    stream's Opus and transcript out."""
+
+    def __init__(self, conn, scheduler, max_image_bytes: int, max_resolution: int | None = None,
+                 patch: int | None = None, on_done=None):
+        super().__init__(conn, scheduler, on_done)
+        self.max_image_bytes = max_image_bytes
+        import sphn  # the Ogg/Opus codec Kyutai's Python tools use
+        self._reader = sphn.OpusStreamReader(P.PCM_SAMPLE_RATE)
+        self._writer = sphn.OpusStreamWriter(P.PCM_SAMPLE_RATE)  # output thread only
+        self._pcm = np.zeros(0, np.float32)
+        self._dropped = 0
+        self._image = False
+        self.max_steps = None
+        try:
+            self.request, self.max_steps = parse_query(conn.query, scheduler.cfg, max_resolution, patch)
+        except P.ProtocolError as e:
+            self.request = None
+            self.metrics.errors[e.code] += 1
+            self.end(bytes([ERROR]) + str(e).encode(), 1008, "bad query")
+
+    def on_message(self, data) -> None:
+        if isinstance(data, str) or not data:
+            return self._error("messages must be binary: a kind byte, then its payload")
+        kind, payload = data[0], memoryview(data)[1:]
+        try:
+            if kind == AUDIO:
+                if len(payload) > MAX_AUDIO_MESSAGE:
+                    raise P.ProtocolError("too_large", f"audio message of {len(payload)} bytes is over the limit of "
+                                                       f"{MAX_AUDIO_MESSAGE}")
+                if self.stream is None:
+                    self._open(None)
+                self._audio(bytes(payload))
+            elif kind == IMAGE:
+                if not payload:
+                    raise P.ProtocolError("bad_image", "image message without the image file's bytes")
+                if len(payload) > self.max_image_bytes:
+                    raise P.ProtocolError("too_large", f"image file of {len(payload)} bytes is over the limit of "
+                                                       f"{self.max_image_bytes}")
+                if self.stream is None:
+                    self._open(bytes(payload))
+                elif self.stream.state == "open":
+                    self.scheduler.set_image(self.stream, image_file=bytes(payload),
+                                             options=self.request.image_options)
+                    self._image = True
+            elif kind == PING:
+                self.send(bytes([PING]))
+            elif kind in (CONTROL, RATING):
+                log.info("%s: %s message %s ignored", self.conn.remote, "rating" if kind == RATING else "control",
+                         bytes(payload[:4]).hex())
+            else:
+                raise P.ProtocolError("bad_message", f"unknown message kind 0x{kind:02x}")
+        except P.ProtocolError as e:
+            self._error(str(e), e.code, fatal=e.code in ("bad_audio", "unsupported"))
+
+    def _open(self, image_file: bytes | None) -> None:
+        if image_file is not None:
+            self.request.image_file = image_file
+            self._image = True
+        self.stream = self.scheduler.open(self, self.request)
+
+    def _audio(self, data: bytes) -> None:
+        """Ogg bytes -> PCM, cut into frames, queued for the stream (before it is open: kept until it is)."""
+        try:
+            pcm = self._reader.append_bytes(data)
+        except ValueError as e:
+            raise P.ProtocolError("bad_audio", f"audio is not an Ogg/Opus stream: {e}") from None
+        self._pcm = np.concatenate([self._pcm, pcm]) if len(pcm) else self._pcm
+        self._push()
+
+    def _push(self) -> None:
+        s = self.stream
+        while s is not None and s.state == "open" and len(self._pcm) >= P.PCM_FRAME:
+            frame, self._pcm = self._pcm[:P.PCM_FRAME], self._pcm[P.PCM_FRAME:]
+            try:
+                self.scheduler.push_audio(s, torch.from_numpy(frame.copy()))
+            except P.ProtocolError as e:  # behind real time: counted by the scheduler; said once per 25
+                self._dropped += 1
+                if self._dropped % 25 == 1:
+                    self._error(f"{self._dropped} audio frame(s) dropped so far: {e}", e.code)
+        if len(self._pcm) > self.config.max_queued_frames * P.PCM_FRAME:  # not open yet: keep at most the bound
+            self._pcm = self._pcm[-self.config.max_queued_frames * P.PCM_FRAME:]
+
+    def _error(self, message: str, code: str = "bad_message", fatal: bool = False) -> None:
+        self.metrics.errors[code] += 1
+        self.send(bytes([ERROR]) + message.encode())
+        if fatal:
+            self.end()
+
+    # ---- scheduler events -------------------------------------------------------------------------
+    def opened(self, s) -> None:
+        self.send(bytes([HANDSHAKE]) + bytes(8))
+        self._push()
+
+    def open_failed(self, s, code: str, message: str, refused: bool) -> None:
+        self.stream = None
+        self.end(bytes([ERROR]) + message.encode(), 1013 if refused else 1008, code)
+
+    def prepare(self, s, out) -> list[bytes]:
+        """Output thread: the frame's audio as Ogg/Opus pages and its text piece."""
+        msgs = []
+        pages = self._writer.append_pcm(out.pcm.numpy())
+        if len(pages):
+            msgs.append(bytes([AUDIO]) + bytes(pages))
+        if out.text:
+            msgs.append(bytes([COLORED_TEXT, colour(out.gate)]) + out.text.encode() if self._image
+                        else bytes([TEXT]) + out.text.encode())
+        return msgs
+
+    def frame(self, s, out) -> None:
+        for m in out.extra:
+            self.send(m)
+        if self.max_steps is not None and s.frames >= self.max_steps:
+            self.end(code=1000, reason=f"max_steps {self.max_steps} reached")
+
+    def image_set(self, s, from_frame: int, ref) -> None:
+        pass
+
+    def image_failed(self, s, code: str, message: str, ref) -> None:
+        self._error(message, code)
+
+    def error(self, s, code: str, message: str, ref=None) -> None:
+        self._error(message, code)
+
+    def closed(self, s, ref) -> None:
+        self.end()
+
+    def farewell(self, code: str, message: str) -> bytes:
+        return bytes([ERROR]) + message.encode()
