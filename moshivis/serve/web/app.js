@@ -15,9 +15,10 @@ import { OggReader, OggOpusWriter, isOpusHead, isOpusTags, opusPacketSamples } f
 
 const SAMPLE_RATE = 48000;
 const FRAME_MS = 20; // one Opus packet; two per Ogg page (40 ms pages, as Kyutai's client sends)
-const OPUS_BITRATE = 32000; // speech; about what libopus picks for 24 kHz mono by itself
+const OPUS_BITRATE = 32000; // speech; sphn's stream from the server is about 33 kbit/s
 const OPUS_PRE_SKIP = 312; // libopus' encoder delay (6.5 ms) in 48 kHz samples
-const MAX_RAW_IMAGE_BYTES = 4 << 20; // our server's default --max-image-file-mb
+const MAX_RAW_IMAGE_BYTES = 4 << 20; // our server's default image file limit (max_image_file_bytes)
+const MAX_RAW_IMAGE_PIXELS = 1 << 24; // and its limit on decoded pixels (MAX_IMAGE_PIXELS)
 const MAX_IMAGE_SIDE = 1024; // an image we re-encode (not JPEG/PNG, or too big) is shrunk to this
 const HANDSHAKE_TIMEOUT_MS = 60000; // the server encodes the picture before its handshake
 const SILENCE_TIMEOUT_MS = 10000; // a live server sends audio every 80 ms (Kyutai's client: 10 s too)
@@ -43,7 +44,7 @@ function resetStats() {
     micSamplesEncoded: 0, audioMessagesReceived: 0, audioBytesReceived: 0, audioPacketsDecoded: 0,
     decodedSamples: 0, sampleRate: SAMPLE_RATE, playedSamples: 0, bufferedSamples: 0,
     starvedSamples: 0, underruns: 0, droppedSamples: 0, drops: 0, textPieces: 0, coloredPieces: 0,
-    unknownMessages: 0, oggCrcErrors: 0, oggLostPackets: 0, pingsSent: 0, pingsLost: 0,
+    unknownMessages: 0, oggCrcErrors: 0, oggLostPackets: 0, badOpusPackets: 0, pingsSent: 0, pingsLost: 0,
     rttMs: null, rttMsMedian: null, frameMsP50: null, frameMsP99: null, activeStreams: null,
     maxStreams: null, statsError: null, errors: [], close: null,
   });
@@ -86,17 +87,21 @@ function sniffImageType(b) {
 }
 
 // JPEG and PNG go as they are (the server decodes those); anything else the browser can read, or a
-// file over the server's size limit, is re-encoded as a JPEG no larger than MAX_IMAGE_SIDE (the model
-// sees it at image_resolution <= 512 anyway).
+// file over the server's limits, is re-encoded as a JPEG no larger than MAX_IMAGE_SIDE (the model
+// sees it at image_resolution <= 512 anyway). Decoding it here also catches a broken file early.
 async function prepareImage(blob) {
   const bytes = new Uint8Array(await blob.arrayBuffer());
   const type = sniffImageType(bytes);
-  if (type && bytes.length <= MAX_RAW_IMAGE_BYTES) return { bytes, type, note: "" };
   let bitmap;
   try {
     bitmap = await createImageBitmap(blob);
   } catch {
     throw new Error(`this browser cannot read it as an image (${blob.type || "unknown type"})`);
+  }
+  const tooBig = bytes.length > MAX_RAW_IMAGE_BYTES || bitmap.width * bitmap.height > MAX_RAW_IMAGE_PIXELS;
+  if (type && !tooBig) {
+    bitmap.close();
+    return { bytes, type, note: "" };
   }
   const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(bitmap.width, bitmap.height));
   const canvas = document.createElement("canvas");
@@ -105,7 +110,7 @@ async function prepareImage(blob) {
   canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
   bitmap.close();
   const jpeg = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
-  const why = type ? `larger than ${MAX_RAW_IMAGE_BYTES >> 20} MiB` : `${blob.type || "not JPEG/PNG"}`;
+  const why = type ? `over ${MAX_RAW_IMAGE_BYTES >> 20} MiB or ${MAX_RAW_IMAGE_PIXELS >> 20} Mpixels` : blob.type || "not JPEG/PNG";
   return { bytes: new Uint8Array(await jpeg.arrayBuffer()), type: "image/jpeg", note: ` (re-encoded: ${why})` };
 }
 
@@ -430,8 +435,8 @@ class Session {
       let samples;
       try {
         samples = opusPacketSamples(data);
-      } catch (e) {
-        stats.oggLostPackets++;
+      } catch {
+        stats.badOpusPackets++; // no valid TOC byte: not Opus, so not for the decoder
         continue;
       }
       this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: this.decodeTime, data }));
