@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup bench test audit suite-cpu bench-host clean
+.PHONY: setup bench test test-web audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): requirements-cpu.txt setup.py
 bench: $(STAMP)
 	$(PY) -m bench.frame_latency $(BENCH_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-web
 	$(PY) -m pytest tests -q
+
+# The browser page's JavaScript (moshivis/serve/web/): node's built-in test runner, no npm packages.
+test-web:
+	node --test tests/web/
 
 audit: $(STAMP)
 	$(PY) -m bench.audit --arch sm_90a
