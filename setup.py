@@ -6,10 +6,9 @@ setup(
     description="Triton kernels and a streaming runtime for Kyutai's MoshiVis",
     python_requires=">=3.10",
     packages=["moshivis", "moshivis.backends", "moshivis.serve", "moshivis_kernels"],
-    package_data={"moshivis.serve": ["web/*", "web/**/*"]},
     package_dir={"moshivis_kernels": "kernels/moshivis_kernels"},
     # The browser page, served at / from the installed package (no CDN: it works offline).
-    package_data={"moshivis": ["serve/web/*"]},
+    package_data={"moshivis.serve": ["web/*"]},
     install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
