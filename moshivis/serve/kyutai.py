@@ -55,6 +55,7 @@ HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING, COLORED_TEXT, IMAGE, RAT
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x0A)
 PATH = "/api/chat"
 MAX_AUDIO_MESSAGE = 1 << 16  # an Ogg page is at most 65307 bytes
+OGG_SLICE = 4096
 IGNORED = ("text_temperature_gating_influence", "worker_auth_id", "email")
 
 
@@ -176,15 +177,18 @@ class KyutaiSession(Session):
         if image_file is not None:
             self.request.image_file = image_file
             self._image = True
-        self.stream = self.scheduler.open(self, self.request)
+        s = self.scheduler.open(self, self.request)
+        self.stream = s if s.state != "gone" else None  # refused at once: `open_failed` has run
 
     def _audio(self, data: bytes) -> None:
         """Ogg bytes -> PCM, cut into frames, queued for the stream (before it is open: kept until it is)."""
-        try:
-            pcm = self._reader.append_bytes(data)
+        chunks = []
+        try:  # in slices: sphn's reader fails on one call holding more than ~5 s of audio
+            for i in range(0, len(data), OGG_SLICE):
+                chunks.append(self._reader.append_bytes(data[i:i + OGG_SLICE]))
         except ValueError as e:
             raise P.ProtocolError("bad_audio", f"audio is not an Ogg/Opus stream: {e}") from None
-        self._pcm = np.concatenate([self._pcm, pcm]) if len(pcm) else self._pcm
+        self._pcm = np.concatenate([self._pcm, *chunks])
         self._push()
 
     def _push(self) -> None:

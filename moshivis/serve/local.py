@@ -58,9 +58,12 @@ class WsConnection(Connection):
 
     async def recv(self):
         try:
-            return await self.ws.recv()
+            data = await self.ws.recv()
         except ConnectionClosed:
             return None
+        self.ws.last_taken = len(data)
+        self.ws.budget.update(self.ws)
+        return data
 
     async def send(self, data: bytes) -> None:
         await self.ws.send(data)
@@ -76,8 +79,9 @@ class WsConnection(Connection):
 
 
 class UploadBudget:
-    """At most `slots` connections may hold more than SMALL_MESSAGE received bytes at once; the others
-    are paused (their sockets unread) in arrival order until a slot frees."""
+    """At most `slots` connections may hold more than SMALL_MESSAGE received bytes at once (a partial
+    message or whole ones their session has not taken yet); the others are paused (their sockets unread)
+    in arrival order until a slot frees."""
 
     def __init__(self, slots: int):
         self.slots = max(1, slots)
@@ -85,7 +89,11 @@ class UploadBudget:
         self.waiting: collections.deque = collections.deque()
 
     def update(self, conn: "_BudgetedConnection") -> None:
-        buffered = len(conn.protocol.reader.buffer)
+        """After bytes came in or a message went out to the session: what the connection holds now (its
+        partial frame; its whole messages not yet taken by the session, else the last one it took, which
+        websockets' parser keeps until the next frame arrives)."""
+        queued = conn.recv_messages.frames.queue
+        buffered = len(conn.protocol.reader.buffer) + (sum(len(f.data) for f in queued) if queued else conn.last_taken)
         if conn in self.holders:
             if buffered <= SMALL_MESSAGE:
                 self.release(conn)
@@ -111,6 +119,7 @@ class UploadBudget:
 
 class _BudgetedConnection(ServerConnection):
     budget: UploadBudget  # set on the subclass made per server
+    last_taken = 0  # bytes of the last message the session took
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -157,7 +166,7 @@ class Server:
         conn_class = type("BudgetedConnection", (_BudgetedConnection,), {"budget": budget})
         self._ws_server = await serve(
             self._handle, c.host, c.port, process_request=self._http, compression=None, ssl=self.ssl,
-            max_size=self.limits.max_message_bytes, max_queue=4, close_timeout=c.drain_timeout_s,
+            max_size=self.limits.max_message_bytes, max_queue=2, close_timeout=c.drain_timeout_s,
             open_timeout=c.open_timeout_s, create_connection=conn_class)
         self.port = self._ws_server.sockets[0].getsockname()[1]
         return self

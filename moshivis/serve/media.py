@@ -88,10 +88,12 @@ def decode_image_file(data: bytes):
 
 class ImageWorker:
     """Image files -> SigLIP features on a thread of its own; images pending together are encoded as one
-    batch per (resolution, crop). `await encode(data, ...)`; at most `max_pending` wait (error busy)."""
+    batch per (resolution, crop). `await encode(data, ...)`; at most `max_pending` images and
+    `max_pending_bytes` of files wait (beyond: error busy)."""
 
-    def __init__(self, vision, max_pending: int, on_batch=None):
-        self.vision, self.max_pending, self.on_batch = vision, max_pending, on_batch
+    def __init__(self, vision, max_pending: int, max_pending_bytes: int, on_batch=None):
+        self.vision, self.max_pending, self.max_pending_bytes = vision, max_pending, max_pending_bytes
+        self.on_batch = on_batch
         self._ex = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshivis-images")
         self._lock = threading.Lock()
         self._pending: list[tuple[bytes, dict, asyncio.Future, asyncio.AbstractEventLoop]] = []
@@ -103,9 +105,10 @@ class ImageWorker:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            if len(self._pending) >= self.max_pending:
-                raise P.ProtocolError("busy", f"{len(self._pending)} images are waiting for the image encoder; "
-                                              "try again in a moment")
+            waiting = sum(len(d) for d, _, _, _ in self._pending)
+            if len(self._pending) >= self.max_pending or waiting + len(data) > self.max_pending_bytes:
+                raise P.ProtocolError("busy", f"{len(self._pending)} images ({waiting} bytes) are waiting for the "
+                                              "image encoder; try again in a moment")
             self._pending.append((data, options, future, loop))
             first = len(self._pending) == 1
         if first:
@@ -117,11 +120,13 @@ class ImageWorker:
             batch, self._pending = self._pending, []
         start = time.perf_counter()
         groups: dict[tuple, list] = {}
-        for data, options, future, loop in batch:
+        while batch:
+            data, options, future, loop = batch.pop(0)
             try:
                 groups.setdefault(tuple(sorted(options.items())), []).append((decode_image_file(data), future, loop))
             except Exception as e:  # noqa: BLE001 - the request fails alone
                 _resolve(loop, future, error=e)
+            del data
         for options, items in groups.items():
             try:
                 features = self._encode([im for im, _, _ in items], dict(options))
@@ -149,6 +154,10 @@ class ImageWorker:
 
 
 def _resolve(loop, future: asyncio.Future, result=None, error: Exception | None = None) -> None:
+    if error is not None:  # its tracebacks would keep the worker's frames, and the image files, alive
+        error = error.with_traceback(None)
+        error.__context__ = error.__cause__ = None
+
     def done():
         if not future.done():
             if error is not None:

@@ -32,9 +32,10 @@ class NativeSession(Session):
             if self.stream is not None:
                 raise P.ProtocolError("out_of_order", "open: this connection has already opened a stream")
             self._open_ref = req.ref
-            self.stream = sched.open(self, OpenRequest(seed=req.seed, sampling=req.sampling, image=req.image,
-                                                       image_file=req.image_file, image_options=req.image_options,
-                                                       audio=req.audio, xa_start=req.xa_start, ref=req.ref))
+            s = sched.open(self, OpenRequest(seed=req.seed, sampling=req.sampling, image=req.image,
+                                             image_file=req.image_file, image_options=req.image_options,
+                                             audio=req.audio, xa_start=req.xa_start, ref=req.ref))
+            self.stream = s if s.state != "gone" else None  # refused at once: `open_failed` has run
             return
         s = self.stream
         if s is None:

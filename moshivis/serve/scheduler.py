@@ -39,6 +39,7 @@ import collections
 import concurrent.futures
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -131,18 +132,20 @@ class Scheduler:
         threads = dict(initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         self._engine_ex = concurrent.futures.ThreadPoolExecutor(1, "moshivis-engine", **threads)
         self._output_ex = concurrent.futures.ThreadPoolExecutor(1, "moshivis-output", **threads)
-        self.images = ImageWorker(self.media.vision, self.config.max_pending_images,
+        self.images = ImageWorker(self.media.vision, self.config.max_pending_images, self.config.max_upload_bytes,
                                   self.metrics.stages["image"].observe) if self.media.vision is not None else None
         self.speech = SpeechCodec(self.media.codec, engine.max_streams) if self.media.codec is not None else None
         self._free_slots = list(range(engine.max_streams))
         self._decode_stream = None
         self.streams: set[Stream] = set()
         self._commands: list[_Command] = []
-        self._reserved = 0  # streams opened or being opened: the admission count
+        # The admission count: streams opened or being opened. A closing stream no longer counts: its close
+        # is applied before any later open, so its engine slot is free by then.
+        self._reserved = 0
         self._encoding = 0  # opens waiting for their image's features
         self._pool_used = 0
         self._tick = 0
-        self._step_estimate = 0.0  # seconds, recent engine steps: whether a catch-up frame fits
+        self._recent_steps: collections.deque[float] = collections.deque([0.0], maxlen=16)  # seconds
         self._outputs: set[asyncio.Future] = set()
         self.stopping = False
         self._wake: asyncio.Event | None = None
@@ -261,6 +264,7 @@ class Scheduler:
         Safe to call in any state and more than once."""
         if s.state in ("opening", "open"):
             s.state = "closing"
+            self._reserved -= 1
             s.inbox.clear()
             self._command(_Command("close", s, ref=ref, reply=reply))
         elif s.state == "gone" and reply:
@@ -269,20 +273,22 @@ class Scheduler:
     # ---- internals --------------------------------------------------------------------------------
     async def _encode_then(self, s: Stream, data: bytes, options: dict, kind: str, ref=None) -> None:
         """Image file -> features on the image worker, then the open or image change on the engine."""
+        error = None  # (code, message): never the exception, whose traceback would hold the image's bytes
         try:
             features = await self.images.encode(data, **options)
-            error = None
         except Exception as e:  # noqa: BLE001 - the request fails alone
-            features, error = None, e
+            features, error = None, (getattr(e, "code", "bad_image"), str(e))
             if not isinstance(e, P.ProtocolError):
                 log.exception("image encoding failed")
+        del data
+        s.request.image_file = None  # encoded: its bytes need not live on with the stream
         if kind == "open":
             self._encoding -= 1
             if s.state != "opening":  # the client left (or the server stopped) while its image was encoded
                 self._gone(s)
                 return
             if error is not None:
-                self._fail_open(s, getattr(error, "code", "bad_image"), f"open: {error}", refused=False)
+                self._fail_open(s, error[0], f"open: {error[1]}", refused=False)
                 return
             self._command(_Command("open", s, features, s.request.ref))
         else:
@@ -290,7 +296,7 @@ class Scheduler:
                 return
             if error is not None:
                 s.image_busy = False
-                s.sink.image_failed(s, getattr(error, "code", "bad_image"), f"image: {error}", ref)
+                s.sink.image_failed(s, error[0], f"image: {error[1]}", ref)
                 return
             self._command(_Command("image", s, features, ref))
 
@@ -311,8 +317,8 @@ class Scheduler:
 
     def _gone(self, s: Stream) -> None:
         if s.state != "gone":
-            if s in self.streams:  # admitted: it held a reservation
-                self._reserved -= 1
+            if s in self.streams:  # admitted: it held a reservation until it began closing
+                self._reserved -= s.state != "closing"
                 self.streams.discard(s)
             s.state = "gone"
             s.inbox.clear()
@@ -323,6 +329,7 @@ class Scheduler:
     def _fail_open(self, s: Stream, code: str, message: str, refused: bool) -> None:
         if refused:  # errors are counted by the session that reports them
             self.metrics.refusals[code] += 1
+        s.request.image = s.request.image_file = None
         self._gone(s)
         s.sink.open_failed(s, code, message, refused)
 
@@ -456,7 +463,7 @@ class Scheduler:
             if self._commands or self.stopping:
                 return
             behind = [s for s in self.streams if s.state == "open" and s.inbox and s.inbox[0][3] <= due]
-            if not behind or loop.time() + self._step_estimate > next_tick - margin:
+            if not behind or loop.time() + statistics.median(self._recent_steps) > next_tick - margin:
                 return
             await self._frame(behind, loop.time(), catchup=True)
 
@@ -479,7 +486,7 @@ class Scheduler:
                 self._end(s, "internal", f"frame {tick} failed: {e}")
             return
         done = loop.time()
-        self._step_estimate = max(step_s + encode_s, 0.8 * self._step_estimate + 0.2 * (step_s + encode_s))
+        self._recent_steps.append(step_s + encode_s)  # their median predicts whether a catch-up frame fits
         seconds = done - due
         self.metrics.observe_frame(seconds, len(batch), catchup, not catchup and seconds * 1e3 > self.config.budget_ms)
         self.metrics.stages["step"].observe(step_s)

@@ -78,6 +78,7 @@ class Session:
                     break
                 if not self.ending:
                     self.on_message(data)
+                del data  # not held while the next message is awaited (it may be megabytes)
         finally:
             self.end()  # a vanished client: its stream is closed before the next frame
             try:

@@ -1,0 +1,84 @@
+"""The frame pipeline (issue [codec]): images are encoded off the frame path, speech streams keep
+their schedule meanwhile, and every stream's speech and text equal `chat.converse` run alone."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from moshivis import Engine
+from moshivis.client import Client
+from test_serve import (HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, one_thread, run,  # noqa: F401
+                        serving)
+
+TICK_MS = 80.0
+
+
+async def speak(port: int, question: torch.Tensor, seed: int, image_file: bytes | None = None) -> dict:
+    """A real-time speech client: opens, then one 1920-sample frame per tick on its own clock (after a
+    one-frame head start), as `client.converse_pcm` sends them. Returns what `converse_pcm` returns plus
+    `opened_after` (seconds from open to opened) and `arrivals` (loop time of every frame reply)."""
+    loop = asyncio.get_running_loop()
+    async with await Client.connect(HOST, port) as c:
+        t0 = loop.time()
+        opened = await c.open(seed, image_file=image_file, audio="pcm")
+        opened_after = loop.time() - t0
+        frame, n = opened["frame_size"], question.shape[0]
+        T = -(-n // frame) + opened["config"]["max_delay"]
+        padded = torch.cat([question, question.new_zeros(T * frame - n)])
+        start = loop.time()
+
+        async def sender():
+            for t in range(T):
+                await asyncio.sleep(max(0.0, start + (t - 1) * TICK_MS / 1e3 - loop.time()))
+                await c.pcm(padded[t * frame:(t + 1) * frame], ref=t)
+
+        task = asyncio.create_task(sender())
+        frames, arrivals = [], []
+        while len(frames) < T:
+            msg = await asyncio.wait_for(c.recv(), 30)
+            assert msg is not None and msg.type == "frame", msg
+            frames.append(msg)
+            arrivals.append(loop.time())
+        await task
+    tokens = torch.stack([m.tensors["tokens"].to(torch.int64) for m in frames], 1)
+    spoken = [m.tensors["pcm"] for m in frames if int(m.tensors["tokens"][0]) != -2]
+    return {"tokens": tokens, "pcm": torch.cat(spoken)[:n], "transcript": "".join(m.header["text"] for m in frames),
+            "opened_after": opened_after, "arrivals": arrivals}
+
+
+def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_files):
+    """8 speech streams in real time; meanwhile two streams open with image files and the image encoder
+    takes 1 s per image. No running stream's replies stop for more than 2 frame periods, the new streams
+    start once their image is ready, and every stream's speech and text equal `chat.converse` alone."""
+    f, cfg = chat_files, chat_files["cfg"]
+    vision = f["media"].vision
+    encode = vision.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(1.0)
+        return encode(*args, **kwargs)
+
+    async def scenario():
+        vision.encode = slow_encode
+        try:
+            async with serving(Engine(cfg, f["weights"], max_streams=10), media=f["media"], mode="realtime",
+                               tick_ms=TICK_MS) as server:
+                running = [asyncio.create_task(speak(server.port, f["question"], SEED_A + i)) for i in range(8)]
+                await asyncio.sleep(0.3)
+                late = [asyncio.create_task(speak(server.port, f["question"], SEED_A + 8 + i, f["png"]))
+                        for i in range(2)]
+                return await asyncio.gather(*running), await asyncio.gather(*late)
+        finally:
+            vision.encode = encode
+
+    running, late = run(scenario(), timeout=120)
+    for r in running:
+        gaps = [b - a for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+        assert max(gaps) <= 2 * TICK_MS / 1e3, f"a running stream waited {max(gaps) * 1e3:.0f} ms for a frame"
+    assert all(r["opened_after"] >= 1.0 for r in late)  # each started once its (slow) image was encoded
+    for i, r in enumerate(running):
+        assert_same_as_chat(r, *chat_answer(f, f["question"], SEED_A + i, image=False), cfg.max_delay)
+    for i, r in enumerate(late):
+        assert_same_as_chat(r, *chat_answer(f, f["question"], SEED_A + 8 + i, image=True), cfg.max_delay)

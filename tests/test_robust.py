@@ -1,0 +1,263 @@
+"""The server under jitter, stalls and floods (issue [robust]); every wait bounded.
+
+Real-time clients here keep their own clock (one input per tick, like a microphone) and measure the
+delay from each input sent to the reply that consumed it. The oracles: the delays before a stall,
+the policy's promises (back within 2 frames within 2 s, nothing lost silently, others not delayed),
+the metrics' counts, and the server process's own RSS.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import threading
+import time
+
+import pytest
+import torch
+
+from moshivis import Engine, preset, random_init
+from moshivis import protocol as P
+from moshivis.client import Client
+from test_serve import HOST, metrics_text, one_thread, parse_metrics, run, server_process, serving  # noqa: F401
+
+TICK_MS = 80.0
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def weights(cfg):
+    return random_init(cfg, seed=0)
+
+
+async def paced_client(port: int, cfg, frames: int, stall: tuple[int, float] | None = None, seed: int = 0,
+                       phase: float = 0.0) -> list[tuple[float, float]]:
+    """Opens a stream and sends one input per tick on its own clock; `stall` (at input i, seconds): holds
+    its inputs that long, then sends the backlog at once (a network stall). Returns, per input, (time sent
+    relative to the first, delay to its reply in seconds)."""
+    loop = asyncio.get_running_loop()
+    async with await Client.connect(HOST, port) as c:
+        await c.open(seed=seed)
+        sent_at: dict[int, float] = {}
+        delays: dict[int, float] = {}
+        start = loop.time() + phase
+
+        async def sender():
+            for i in range(frames):
+                due = start + i * TICK_MS / 1e3
+                if stall is not None and stall[0] <= i and due < start + stall[0] * TICK_MS / 1e3 + stall[1]:
+                    continue  # held back: sent with the burst below
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if stall is not None and i == stall[0] + int(stall[1] * 1e3 / TICK_MS) + 1:
+                    for j in range(stall[0], i):  # the burst
+                        sent_at[j] = loop.time()
+                        await c.audio(torch.full((cfg.num_audio_in,), j % cfg.audio_card), ref=j)
+                sent_at[i] = loop.time()
+                await c.audio(torch.full((cfg.num_audio_in,), i % cfg.audio_card), ref=i)
+
+        task = asyncio.create_task(sender())
+        while len(delays) < frames:
+            msg = await asyncio.wait_for(c.recv(), 10)
+            assert msg is not None and msg.type == "frame", msg
+            assert msg.header["seq"] == len(delays) == msg.header["ref"]  # every input answered, in order
+            delays[msg.header["ref"]] = loop.time() - sent_at[msg.header["ref"]]
+        await task
+    t0 = sent_at[0]
+    return [(sent_at[i] - t0, delays[i]) for i in range(frames)]
+
+
+def window(trace, lo: float, hi: float) -> list[float]:
+    return [d for t, d in trace if lo <= t < hi]
+
+
+def test_delay_returns_after_a_client_stall_and_others_are_not_delayed(cfg, weights):
+    """One client stalls 600 ms then bursts: its delay is back within 2 frames of its pre-stall value
+    within 2 s; the other client's delays do not move; catch-up frames are counted."""
+    engine = Engine(cfg, weights, max_streams=2)
+    stall_at, stall_s, frames = 25, 0.6, 70
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=TICK_MS) as server:
+            a, b = await asyncio.gather(paced_client(server.port, cfg, frames, (stall_at, stall_s), seed=1),
+                                        paced_client(server.port, cfg, frames, seed=2, phase=0.03))
+            return a, b, parse_metrics(await metrics_text(server.port))[1]
+
+    a, b, samples = run(scenario(), timeout=60)
+    stall_t, back_t = stall_at * TICK_MS / 1e3, (stall_at * TICK_MS / 1e3 + stall_s)
+    before = statistics.median(window(a, 0.4, stall_t))
+    after = window(a, back_t + 2.0, 99)
+    assert len(after) >= 10 and max(after) <= before + 2 * TICK_MS / 1e3, (before, after)
+    b_before, b_during = statistics.median(window(b, 0.4, stall_t)), window(b, stall_t, back_t + 2.0)
+    assert max(b_during) <= b_before + 2 * TICK_MS / 1e3, (b_before, b_during)
+    assert samples["moshivis_catchup_stream_frames_total"] >= int(stall_s * 1e3 / TICK_MS) - 2
+    assert samples["moshivis_dropped_inputs_total"] == 0
+    assert samples["moshivis_stream_frames_total"] == 2 * frames  # nothing invented, nothing lost
+
+
+def test_delay_returns_after_a_server_stall(cfg, weights):
+    """The engine thread stalls 1.6 s once (as a large image on it did): both streams fall 20 frames
+    behind and are back within 2 frames of their delay within 2 s."""
+    engine = Engine(cfg, weights, max_streams=2)
+    step, stalled = engine.step, threading.Event()
+    stall_after, stall_s, frames = 20, 1.6, 75
+
+    def step_once_slow(*args, **kwargs):
+        if engine_frames[0] == stall_after and not stalled.is_set():
+            stalled.set()
+            time.sleep(stall_s)
+        engine_frames[0] += 1
+        return step(*args, **kwargs)
+
+    engine_frames = [0]
+    engine.step = step_once_slow
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=TICK_MS) as server:
+            return await asyncio.gather(paced_client(server.port, cfg, frames, seed=1),
+                                        paced_client(server.port, cfg, frames, seed=2, phase=0.04))
+
+    traces = run(scenario(), timeout=60)
+    assert stalled.is_set()
+    for trace in traces:
+        stall_t = next(t for t, d in trace if d > 1.0)  # the first input caught in the stall
+        before = statistics.median(window(trace, 0.4, stall_t))
+        after = window(trace, stall_t + stall_s + 2.0, 99)
+        assert len(after) >= 5 and max(after) <= before + 2 * TICK_MS / 1e3, (before, after)
+
+
+def test_silent_client_is_closed_with_a_reason_and_counted(cfg, weights):
+    engine = Engine(cfg, weights, max_streams=1)
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=TICK_MS, input_timeout_s=0.5) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                await c.open(seed=1)
+                await c.audio(torch.zeros(cfg.num_audio_in, dtype=torch.int32))
+                assert (await c.recv()).type == "frame"
+                t0 = time.monotonic()
+                msg = await asyncio.wait_for(c.recv(), 5)  # then silence from the client
+                waited = time.monotonic() - t0
+                assert (msg.type, msg.header["code"], msg.header["fatal"]) == ("error", "input_timeout", True)
+                assert await c.recv() is None and c.ws.close_code == 1008
+            async with await Client.connect(HOST, server.port) as c:  # its slot is free again
+                await c.open(seed=2)
+            return waited, parse_metrics(await metrics_text(server.port))[1]
+
+    waited, samples = run(scenario())
+    assert 0.4 < waited < 2.0
+    assert samples['moshivis_closes_total{reason="input_timeout"}'] == 1
+
+
+def test_images_are_rate_limited_per_stream(cfg, weights):
+    engine = Engine(cfg, weights, max_streams=1, max_images=2)
+    gen = torch.Generator().manual_seed(3)
+    images = [torch.randn(cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen) for _ in range(2)]
+
+    async def scenario():
+        async with serving(engine, image_interval_s=30.0) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                await c.open(seed=1, image=images[0])  # the open's image is the first of a burst of 3
+                answers = []
+                for i in range(4):
+                    await c.set_image(None if i == 0 else images[i % 2], ref=i)  # a removal costs nothing
+                    answers.append((await c.recv()).header)
+                return answers
+
+    answers = run(scenario())
+    assert [a["type"] for a in answers[:3]] == ["image_set"] * 3
+    assert (answers[3]["type"], answers[3]["code"]) == ("error", "rate_limited") and "try again in" in \
+        answers[3]["message"]
+
+
+def test_idle_connections_never_lock_out_a_real_session(cfg, weights):
+    """256 connections that never open: the oldest idle ones are evicted to make room (and the rest
+    closed after the open timeout), so a new client gets a session at once."""
+    engine = Engine(cfg, weights, max_streams=2)
+
+    async def scenario():
+        async with serving(engine, open_timeout_s=3.0) as server:
+            idle = []
+            for _ in range(256):
+                idle.append(await Client.connect(HOST, server.port))
+            t0 = time.monotonic()
+            async with await Client.connect(HOST, server.port) as c:
+                await c.open(seed=1)
+                took = time.monotonic() - t0
+            alive = sum(c.ws.close_code is None for c in idle)
+            for c in idle:
+                await c.aclose()
+            return took, alive, parse_metrics(await metrics_text(server.port))[1]
+
+    took, alive, samples = run(scenario(), timeout=120)
+    assert took < 5.0
+    assert alive <= 16  # max_pending_per_ip
+    assert samples['moshivis_closes_total{reason="evicted"}'] >= 256 - 16
+
+
+def test_connections_that_never_open_are_closed_after_the_open_timeout(cfg, weights):
+    engine = Engine(cfg, weights, max_streams=1)
+
+    async def scenario():
+        async with serving(engine, open_timeout_s=0.5) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                msg = await asyncio.wait_for(c.recv(), 5)
+                assert (msg.type, msg.header["code"]) == ("error", "open_timeout")
+                assert await c.recv() is None and c.ws.close_code == 1008
+            return parse_metrics(await metrics_text(server.port))[1]
+
+    assert run(scenario())['moshivis_closes_total{reason="open_timeout"}'] == 1
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_memory_stays_bounded_under_a_flood_of_large_messages():
+    """32 connections x 4 messages of 8.5 MB (the demo server takes image files of up to 16 MB), on both
+    protocols: the server's RSS stays within +300 MB of its idle size, during and after."""
+    import websockets.asyncio.client as wsc
+    with server_process("--demo", "--max-streams", "4", "--port", "0") as (proc, port):
+        time.sleep(0.5)
+        base = rss_mb(proc.pid)
+        peak = [base]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        blob = os.urandom(int(8.5 * 2 ** 20))
+        native = P.encode({"type": "open", "seed": 0}, {"image_file": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
+        kyutai = bytes([0x08]) + blob
+
+        async def flood(i):
+            path, data = ("/api/chat", kyutai) if i % 2 else ("/", native)
+            try:
+                async with wsc.connect(f"ws://{HOST}:{port}{path}", max_size=None, open_timeout=30) as ws:
+                    for _ in range(4):
+                        await ws.send(data)
+                    await asyncio.wait_for(ws.recv(), 30)
+            except Exception:  # noqa: BLE001 - refused or closed: what matters is the server's memory
+                pass
+
+        async def all_floods():
+            await asyncio.gather(*[flood(i) for i in range(32)])
+
+        try:
+            run(all_floods(), timeout=240)
+            time.sleep(1.0)
+            after = rss_mb(proc.pid)
+        finally:
+            stop.set()
+            sampler.join()
+        assert proc.poll() is None, "the server died"
+    assert peak[0] - base < 300, f"RSS {base:.0f} MB idle, {peak[0]:.0f} MB at the peak"
+    assert after - base < 100, f"RSS {base:.0f} MB idle, {after:.0f} MB after the flood"
