@@ -759,13 +759,13 @@ def chat_files(tmp_path_factory):
     return dict(f, media=media, args=args, question=question, png=(d / "photo.png").read_bytes())
 
 
-def chat_answer(files, question, seed, image: bool):
+def chat_answer(files, question, seed, image: bool, sampling: SamplingParams | None = None):
     """moshivis.chat.converse alone: (answer, the transcript pieces it printed)."""
     from moshivis.chat import converse
     m, pieces = files["media"], []
     feats = m.vision.encode(files["dir"] / "photo.png") if image else None
     answer = converse(Engine(files["cfg"], files["weights"]), m.codec, m.tokenizer, feats, question, seed=seed,
-                      on_text=pieces.append)
+                      sampling=sampling, on_text=pieces.append)
     return answer, "".join(pieces)
 
 

@@ -1,0 +1,243 @@
+"""Kyutai's wire protocol on /api/chat (issue [kyutai-api]), against a client written here from
+Kyutai's protocol (kind byte + payload; Ogg/Opus through sphn, as `moshi.client` does), not ours.
+
+Oracles: a native PCM session (our protocol, another path through the server) fed exactly the PCM the
+server decoded from the client's Opus (sphn's decoder is deterministic, so the test decodes the same
+pages itself), `chat.converse` alone, and sphn's own encoder for the audio sent back.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import urllib.parse
+
+import numpy as np
+import pytest
+import sphn
+import torch
+import websockets.asyncio.client as wsc
+
+from moshivis import Engine, SamplingParams
+from moshivis.serve.kyutai import colour, parse_query
+from test_serve import HOST, chat_answer, chat_files, metrics_text, one_thread, parse_metrics, run, serving  # noqa: F401
+
+SR, FRAME = 24000, 1920
+HANDSHAKE, AUDIO, TEXT, ERROR, PING, COLORED, IMAGE = 0x00, 0x01, 0x02, 0x05, 0x06, 0x07, 0x08
+
+
+def opus_pages(pcm: torch.Tensor) -> list[bytes]:
+    """The user's audio as moshi.client sends it: 1920-sample blocks through one OpusStreamWriter."""
+    w = sphn.OpusStreamWriter(SR)
+    x = torch.nn.functional.pad(pcm, (0, -len(pcm) % FRAME)).numpy().astype(np.float32)
+    return [w.append_pcm(x[i:i + FRAME]) for i in range(0, len(x), FRAME)]
+
+
+class KyutaiClient:
+    """Kyutai's protocol, from its spec: every message binary, first byte the kind."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.reader = sphn.OpusStreamReader(SR)
+        self.pcm: list[np.ndarray] = []
+        self.text: list[tuple[int | None, str]] = []  # (colour or None for plain text, piece)
+        self.errors: list[str] = []
+        self.kinds: list[int] = []
+
+    @classmethod
+    async def connect(cls, port: int, **query) -> "KyutaiClient":
+        q = urllib.parse.urlencode({k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()})
+        return cls(await wsc.connect(f"ws://{HOST}:{port}/api/chat" + (f"?{q}" if q else ""), max_size=None))
+
+    async def recv(self, timeout: float = 30) -> int | None:
+        """The next message's kind (None once closed), its content filed."""
+        try:
+            data = await asyncio.wait_for(self.ws.recv(), timeout)
+        except Exception:  # noqa: BLE001 - closed
+            return None
+        assert isinstance(data, bytes) and data, data
+        kind = data[0]
+        self.kinds.append(kind)
+        if kind == AUDIO:
+            self.pcm.append(self.reader.append_bytes(data[1:]))
+        elif kind == COLORED:
+            assert 0 <= data[1] <= 10
+            self.text.append((data[1], data[2:].decode()))
+        elif kind == TEXT:
+            self.text.append((None, data[1:].decode()))
+        elif kind == ERROR:
+            self.errors.append(data[1:].decode())
+        else:
+            assert kind in (HANDSHAKE, PING), f"a kind Kyutai's clients do not know: {kind}"
+        return kind
+
+    async def handshake(self) -> None:
+        while (kind := await self.recv()) != HANDSHAKE:
+            assert kind is not None, f"closed before the handshake: {self.errors}"
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.pcm) if self.pcm else np.zeros(0, np.float32)
+
+
+async def converse_kyutai(port: int, question: torch.Tensor, image: bytes | None, **query) -> KyutaiClient:
+    """Image first (if any), handshake, then the question's Opus pages one per tick, then every reply
+    until the audio received covers the audio sent."""
+    c = await KyutaiClient.connect(port, **query)
+    if image is not None:
+        await c.ws.send(bytes([IMAGE]) + image)  # without waiting, as the MoshiVis web client does
+    pages = opus_pages(question)
+    if image is None:
+        await c.ws.send(bytes([AUDIO]) + pages[0])  # Moshi's clients send audio at once
+    await c.handshake()
+    for p in pages[image is None:]:
+        await c.ws.send(bytes([AUDIO]) + p)
+    sent = len(pages) * FRAME
+    while len(c.audio) < sent:
+        assert await c.recv() is not None, f"closed early: {c.errors}"
+    await c.ws.close()
+    return c
+
+
+def seed_of(text_seed: int, audio_seed: int) -> int:
+    return (text_seed * 1_000_003 + audio_seed) % 2 ** 63
+
+
+def test_image_first_opus_in_opus_and_coloured_text_out(chat_files):
+    """5 s of speech: the client receives 5 s of audio (Opus) and coloured text; both equal a native
+    PCM session fed the PCM the server decoded, and `chat.converse` alone."""
+    f, cfg = chat_files, chat_files["cfg"]
+    gen = torch.Generator().manual_seed(11)
+    question = 0.3 * torch.sin(2 * math.pi * 220 * torch.arange(5 * SR) / SR) + 0.05 * torch.randn(5 * SR, generator=gen)
+    query = dict(text_temperature=0.7, text_topk=25, audio_temperature=0.8, audio_topk=250, text_seed=12,
+                 audio_seed=34, xa_start=0)
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"]) as server:
+            return await converse_kyutai(server.port, question, f["png"], **query)
+
+    c = run(scenario(), timeout=120)
+    decoded = np.concatenate([sphn.OpusStreamReader(SR).append_bytes(p) for p in [b"".join(opus_pages(question))]])
+    assert abs(len(c.audio) - len(decoded)) <= FRAME and len(decoded) == 5 * SR  # 5 s in, 5 s out
+    assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != TEXT for k in c.kinds)  # vision: coloured text
+    # The oracle: the same decoded PCM through `chat.converse` alone (same seed), then through sphn's
+    # encoder frame by frame as the server does, and sphn's decoder.
+    answer, printed = chat_answer(f, torch.from_numpy(decoded), seed_of(12, 34), image=True)
+    assert "".join(piece for _, piece in c.text) == printed == answer.transcript and printed
+    w, r = sphn.OpusStreamWriter(SR), sphn.OpusStreamReader(SR)
+    silence = np.zeros(cfg.max_delay * FRAME, np.float32)  # the warm-up frames' silence comes first
+    full = np.concatenate([silence, answer.pcm.numpy()])
+    want = np.concatenate([r.append_bytes(w.append_pcm(full[i:i + FRAME])) for i in range(0, len(full), FRAME)])
+    n = min(len(want), len(c.audio))
+    np.testing.assert_array_equal(c.audio[:n], want[:n])  # the same Opus stream, bit for bit
+    assert n >= len(decoded) - FRAME
+
+
+def test_a_moshi_client_without_an_image_gets_plain_text(chat_files):
+    f, cfg = chat_files, chat_files["cfg"]
+    question = f["question"]
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=1), media=f["media"]) as server:
+            return await converse_kyutai(server.port, question, None, text_temperature=0, audio_temperature=0)
+
+    c = run(scenario(), timeout=60)
+    answer, printed = chat_answer(f, torch.from_numpy(
+        sphn.OpusStreamReader(SR).append_bytes(b"".join(opus_pages(question)))), 0, image=False, sampling=SamplingParams.greedy())
+    assert c.errors == [] and all(k != COLORED for k in c.kinds)
+    assert "".join(p for _, p in c.text) == printed
+
+
+def test_full_server_bad_messages_and_bad_queries_fail_alone(chat_files):
+    """Every bad request is answered 0x05 (and a close where the session cannot go on), for that client
+    only: a good session running meanwhile equals its run alone."""
+    f, cfg = chat_files, chat_files["cfg"]
+    question = f["question"]
+
+    async def bad(port, first: bytes | None = None, expect_close: bool = True, **query):
+        c = await KyutaiClient.connect(port, **query)
+        if first is not None:
+            await c.ws.send(first)
+        kind = await c.recv(10)
+        assert kind == ERROR, (kind, c.errors)
+        if expect_close:
+            assert await c.recv(10) is None
+        else:
+            await c.ws.close()
+        return c.errors[0]
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"],
+                           max_image_file_bytes=1 << 20) as server:
+            good = asyncio.create_task(converse_kyutai(server.port, question, f["png"], text_temperature=0,
+                                                       audio_temperature=0))
+            errors = {
+                "unknown kind": await bad(server.port, bytes([0x09, 1, 2]), expect_close=False),
+                "bad ogg": await bad(server.port, bytes([AUDIO]) + b"this is not an ogg stream"),
+                "not an image": await bad(server.port, bytes([IMAGE]) + b"GIF89a nonsense"),
+                "huge image": await bad(server.port, bytes([IMAGE]) + bytes(2 << 20), expect_close=False),
+                "bad temperature": await bad(server.port, text_temperature="hot"),
+                "bad topk": await bad(server.port, audio_topk=0),
+                "bad xa_start": await bad(server.port, xa_start=-3),
+                "bad crop": await bad(server.port, center_crop="maybe"),
+            }
+            # a third stream while two are open (the good one and one that waits): the server is full
+            holder = await KyutaiClient.connect(server.port)
+            await holder.ws.send(bytes([AUDIO]) + opus_pages(question)[0])
+            await holder.handshake()
+            errors["full"] = await bad(server.port, bytes([AUDIO]) + opus_pages(question)[0])
+            await holder.ws.close()
+            c = await good
+            text = await metrics_text(server.port)
+            return errors, c, text
+
+    errors, c, text = run(scenario(), timeout=120)
+    assert "unknown message kind 0x09" in errors["unknown kind"]
+    assert "Ogg" in errors["bad ogg"]
+    assert "image" in errors["not an image"]
+    assert "over the limit" in errors["huge image"]
+    assert "text_temperature" in errors["bad temperature"] and "audio_topk" in errors["bad topk"]
+    assert "xa_start" in errors["bad xa_start"] and "center_crop" in errors["bad crop"]
+    assert "server full" in errors["full"]
+    assert c.errors == []
+    answer, printed = chat_answer(f, torch.from_numpy(
+        sphn.OpusStreamReader(SR).append_bytes(b"".join(opus_pages(question)))), 0, image=True, sampling=SamplingParams.greedy())
+    assert "".join(p for _, p in c.text) == printed
+    _, samples = parse_metrics(text)
+    assert samples['moshivis_refusals_total{reason="server_full"}'] == 1
+
+
+def test_ping_is_answered(chat_files):
+    f, cfg = chat_files, chat_files["cfg"]
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=1), media=f["media"]) as server:
+            c = await KyutaiClient.connect(server.port)
+            await c.ws.send(bytes([PING]))
+            kind = await c.recv(5)
+            await c.ws.close()
+            return kind
+
+    assert run(scenario()) == PING
+
+
+def test_query_parameters_map_onto_the_stream(chat_files):
+    cfg = chat_files["cfg"]
+    req, max_steps = parse_query({"text_temperature": "0.45", "text_topk": "25", "audio_temperature": "0.7",
+                                  "audio_topk": "250" if cfg.audio_card >= 250 else str(cfg.audio_card),
+                                  "text_seed": "12", "audio_seed": "34", "repetition_penalty": "1.15",
+                                  "repetition_penalty_context": "64", "pad_mult": "0.5", "image_resolution": "500",
+                                  "center_crop": "true", "xa_start": "16", "max_steps": "100", "email": "x@y",
+                                  "unknown": "ignored"}, cfg, max_resolution=448, patch=14)
+    s = req.sampling
+    assert (s.temperature_text, s.top_k_text, s.temperature_audio) == (0.45, 25, 0.7)
+    assert (s.repetition_penalty, s.repetition_penalty_context, s.pad_mult) == (1.15, 64, 0.5)
+    assert req.seed == seed_of(12, 34) and req.xa_start == 16 and max_steps == 100 and req.audio == "pcm"
+    assert req.image_options == {"resolution": 448, "center_crop": True}  # clamped to the maximum, patch multiple
+    req, _ = parse_query({"image_resolution": "100"}, cfg, max_resolution=448, patch=14)
+    assert req.image_options == {"resolution": 140}  # at least 10 patches
+    assert parse_query({}, cfg, 448, 14)[0].seed != parse_query({}, cfg, 448, 14)[0].seed  # random without seeds
+
+
+@pytest.mark.parametrize("gate,want", [(0.0, 0), (0.005, 0), (0.013, 5), (0.021, 10), (0.5, 10), (0.0139, 6)])
+def test_colour_formula(gate, want):
+    assert colour(gate) == want
