@@ -1,0 +1,109 @@
+"""The web page in a real browser (issue [web]): Debian's chromium, headless, driven by Playwright,
+with a fake microphone (a WAV) and camera, against `python -m moshivis.server --demo`.
+
+The oracles: the server's own /metrics (the stream was stepped, the slot freed), the page's counters
+(`window.moshivisStats`: audio decoded and played), the transcript in the DOM, and the errors the page
+shows. CI installs chromium (`.ci/run`); without it this test fails, saying how to install it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serve import server_process
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+         "--use-fake-device-for-media-stream"]
+
+
+def metrics(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+            if line and not line.startswith("#")}
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("web")
+    t = np.arange(48000 * 4) / 48000  # 4 s at 48 kHz, looped by chromium: a tone that comes and goes
+    pcm = (0.3 * np.sin(2 * math.pi * 220 * t) * (np.sin(2 * math.pi * 0.5 * t) > 0) * 32767).astype("<i2")
+    with wave.open(str(d / "mic.wav"), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(48000)
+        f.writeframes(pcm.tobytes())
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(d / "picture.png")
+    return d / "mic.wav", d / "picture.png"
+
+
+def test_a_conversation_in_a_real_browser(media_files, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("this test needs Debian's chromium: apt-get install -y chromium (CI's .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    wav, picture = media_files
+    with server_process("--demo", "--max-streams", "1", "--port", "0") as (proc, port), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=FLAGS + [f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = browser.new_page()
+            console = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#file", str(picture))
+            page.click("#connect")
+            page.wait_for_function("window.moshivisStats.state === 'live'", timeout=60000)
+            before = metrics(port)["moshivis_stream_frames_total"]
+            wait_for(lambda: metrics(port)["moshivis_stream_frames_total"] - before >= 3 * 12.5, 30,
+                     "3 s of frames stepped on the server")
+            page.wait_for_function("document.querySelectorAll('#transcript span[data-color]').length > 0",
+                                   timeout=30000)
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            stats = page.evaluate("window.moshivisStats")
+            assert stats["decodedSamples"] > 48000 and stats["playedSamples"] > 24000, stats
+            assert stats["imageBytesSent"] == picture.stat().st_size and stats["audioMessagesSent"] > 30, stats
+            assert stats["errors"] == [], stats["errors"]
+            assert metrics(port)["moshivis_active_streams"] == 1
+
+            # a second page while the only slot is taken: the server's reason shows on the page
+            other = browser.new_page()
+            other.on("pageerror", lambda e: console.append(f"pageerror (second page): {e}"))
+            other.goto(f"http://127.0.0.1:{port}/")
+            other.set_input_files("#file", str(picture))
+            other.click("#connect")
+            other.wait_for_function("window.moshivisStats.errors.length > 0", timeout=30000)
+            assert "server full" in " ".join(other.evaluate("window.moshivisStats.errors"))
+            assert "server full" in other.inner_text("#errors")
+
+            page.click("#disconnect")
+            wait_for(lambda: metrics(port)["moshivis_active_streams"] == 0, 10, "the slot to be freed")
+            assert page.evaluate("window.moshivisStats.state") != "live"
+        finally:
+            browser.close()
+    assert [c for c in console if c.startswith(("error", "pageerror"))] == [], console
+    shot = tmp_path / "page.png"
+    assert shot.stat().st_size > 10000
+    if os.environ.get("MOSHIVIS_SCREENSHOT"):  # how docs/screenshot.png (the README's picture) is made
+        shutil.copy(shot, os.environ["MOSHIVIS_SCREENSHOT"])
