@@ -142,6 +142,8 @@ class _Conv:
         self.C, self.O, self.k = c.in_channels, c.out_channels, c.kernel_size[0]
         self.s, self.d = c.stride[0], c.dilation[0]
         self.P = int(m.padding_total)
+        if self.P < 0:
+            _fail(f"MimiStreams: a convolution with kernel {self.k} < stride {self.s} is not supported")
         self.replicate = m.pad_mode == "replicate"
         if steps % self.s:
             _fail(f"MimiStreams: {steps} steps per frame do not divide by a convolution stride {self.s}")
@@ -156,7 +158,7 @@ class _Conv:
     def emit(self, p: _Plan, src: torch.Tensor, act: bool) -> torch.Tensor:
         """src [C, B, T] -> [O, B, T_out] (a buffer of this bucket)."""
         B, C, P, T = p.size, self.C, self.P, self.T
-        if P == 0 and self.k == 1 and self.s == 1:
+        if self.k == 1 and self.s == 1:  # a pointwise convolution: no past, no im2col
             x = p.buf(C, B, T)
             _act(p, act, src, x)
             mat = x.view(C, B * T)
@@ -283,23 +285,23 @@ class _Transformer:
         self.R = self.W + steps - 1
         self.eps, self.scale = cfg.norm_eps, attn.scaling
         self.inv_freq = model.rotary_emb.inv_freq.detach()
-        w = lambda t: None if t is None else t.detach()  # noqa: E731
+
+        def params(module):  # (weight, bias) of a Linear or LayerNorm, detached views
+            return module.weight.detach(), None if module.bias is None else module.bias.detach()
+
         self.layers = [dict(
-            ln1=(w(l.input_layernorm.weight), w(l.input_layernorm.bias)),
-            ln2=(w(l.post_attention_layernorm.weight), w(l.post_attention_layernorm.bias)),
-            q=(w(l.self_attn.q_proj.weight), w(l.self_attn.q_proj.bias)),
-            k=(w(l.self_attn.k_proj.weight), w(l.self_attn.k_proj.bias)),
-            v=(w(l.self_attn.v_proj.weight), w(l.self_attn.v_proj.bias)),
-            o=(w(l.self_attn.o_proj.weight), w(l.self_attn.o_proj.bias)),
-            fc1=(w(l.mlp.fc1.weight), w(l.mlp.fc1.bias)), fc2=(w(l.mlp.fc2.weight), w(l.mlp.fc2.bias)),
-            scale1=w(l.self_attn_layer_scale.scale), scale2=w(l.mlp_layer_scale.scale)) for l in model.layers]
-        ref = self.inv_freq
+            ln1=params(layer.input_layernorm), ln2=params(layer.post_attention_layernorm),
+            q=params(layer.self_attn.q_proj), k=params(layer.self_attn.k_proj), v=params(layer.self_attn.v_proj),
+            o=params(layer.self_attn.o_proj), fc1=params(layer.mlp.fc1), fc2=params(layer.mlp.fc2),
+            scale1=layer.self_attn_layer_scale.scale.detach(), scale2=layer.mlp_layer_scale.scale.detach())
+            for layer in model.layers]
+        device = self.inv_freq.device
         shape = (len(self.layers), slots + 1, self.H, self.R, self.hd)
-        self.k_state = torch.zeros(shape, dtype=self.layers[0]["q"][0].dtype, device=ref.device)
+        self.k_state = torch.zeros(shape, dtype=self.layers[0]["q"][0].dtype, device=device)
         self.v_state = torch.zeros_like(self.k_state)
-        self.ring_offsets = torch.arange(self.R, device=ref.device)                   # r
-        self.step_offsets = torch.arange(steps, device=ref.device)                    # t
-        self.head_offsets = torch.arange(self.H, device=ref.device) * self.R          # h * R
+        self.ring_offsets = torch.arange(self.R, device=device)                   # r
+        self.step_offsets = torch.arange(steps, device=device)                    # t
+        self.head_offsets = torch.arange(self.H, device=device) * self.R          # h * R
 
     def _linear(self, p: _Plan, x, wb, out) -> None:
         weight, bias = wb
@@ -434,8 +436,8 @@ class _Quantize:
     def emit(self, p: _Plan, latents: torch.Tensor, codes: torch.Tensor) -> None:
         B, D = p.size, self.dim
         res = p.buf(B, D)
-        ext = p.buf(B, D + 2)
-        p.op(ext[:, D + 1].fill_, 1.0)
+        ext = p.buf(B, D + 2)  # [-2 res, ||res||^2, 1]
+        ext[:, D + 1] = 1.0
         sq, norm, quantized = p.buf(B, D), p.buf(B, 1), p.buf(B, D)
         dist = p.buf(B, self.groups[0][1][0][0].shape[0])
         minus_two = p.scalar(-2.0)
@@ -465,8 +467,8 @@ class _Dequantize:
 
     def __init__(self, quantizer, nq: int):
         self.n_sem, self.nq = quantizer.num_semantic_quantizers, nq
-        books = [_codebook(l) for l in quantizer.semantic_residual_vector_quantizer.layers[:self.n_sem]] + \
-                [_codebook(l) for l in quantizer.acoustic_residual_vector_quantizer.layers[:nq - self.n_sem]]
+        books = [_codebook(layer) for layer in quantizer.semantic_residual_vector_quantizer.layers[:self.n_sem]] + \
+                [_codebook(layer) for layer in quantizer.acoustic_residual_vector_quantizer.layers[:nq - self.n_sem]]
         self.card = books[0].shape[0]
         self.table = torch.cat(books)                                                    # [nq * card, D]
         self.offsets = torch.arange(nq, device=self.table.device) * self.card
@@ -501,6 +503,7 @@ class _Direction:
 
     def __init__(self, owner: "MimiStreams", transformer: _Transformer, layers: list):
         self.owner, self.transformer, self.layers = owner, transformer, layers
+        self.replicate = any(isinstance(layer, _Conv) and layer.replicate for layer in layers)
         dev = owner.device
         self.pos = torch.zeros(owner.max_streams + 1, dtype=torch.long, device=dev)
         self.fresh = torch.ones(owner.max_streams + 1, dtype=torch.bool, device=dev)
@@ -520,11 +523,13 @@ class _Direction:
             p = _Plan(size, o.device, o.dtype, max(layer.col_numel(size) for layer in self.layers
                                                   if isinstance(layer, _Conv)))
             p.op(torch.index_select, self.pos, 0, p.rows, out=p.pos_rows)
-            p.op(torch.index_select, self.fresh, 0, p.rows, out=p.fresh_rows)
+            if self.replicate:
+                p.op(torch.index_select, self.fresh, 0, p.rows, out=p.fresh_rows)
             self.build(p)
             p.op(p.pos_rows.add_, p.scalar(self.transformer.T, torch.long))
             p.op(self.pos.index_copy_, 0, p.rows, p.pos_rows)
-            p.op(self.fresh.index_fill_, 0, p.rows, False)
+            if self.replicate:
+                p.op(self.fresh.index_fill_, 0, p.rows, False)
             p.stage()
             self.plans[size] = p
         return self.plans[size]
