@@ -25,13 +25,16 @@ shapes and addresses: on a GPU it is captured once as a CUDA graph (after an eag
 replayed, as the engine's triton backend does.
 
 Every layer computes what transformers' `MimiModel` computes, from its own weights (views, no
-copies; only the codebooks are precomputed): convolutions as im2col + one GEMM over all rows and
-time steps ([C, rows, time] layout throughout), transposed convolutions as one GEMM plus an
-overlap-add with the carried tail, the transformer with fused-free q/k/v projections, RoPE at each
-row's own positions and a per-row sliding-window mask, and the split residual quantizer with the
-same distance formula as `torch.cdist` (`||x||^2 - 2 x.e + ||e||^2`, clamped, square root) so the
-nearest codebook entry is chosen as transformers chooses it. tests/test_codec.py checks the codes
-against `MimiModel.encode` on each whole signal and the PCM against `DecoderStream` per stream.
+copies; only the codebook tables are precomputed, as transformers caches them): convolutions as
+im2col + one GEMM over all rows and time steps ([channels, rows, time] layout throughout; a GEMM
+with few columns runs transposed, which CPU BLAS does several times faster), transposed convolutions
+as one GEMM plus an overlap-add with the carried tail, the transformer (LayerNorm, q/k/v, RoPE at
+each row's own positions, attention over the ring with a per-row sliding-window mask, layer scale,
+GELU MLP), and the split residual quantizer with `torch.cdist`'s own formula
+(`[-2x, ||x||^2, 1] . [e, 1, ||e||^2]`, clamped, square root), so the nearest codebook entry is
+chosen as transformers chooses it. tests/test_codec.py checks the codes against `MimiModel.encode`
+on each whole signal and the PCM against `DecoderStream` per stream; `python -m bench.codec`
+measures it against the per-stream loop.
 """
 from __future__ import annotations
 
@@ -685,12 +688,7 @@ class MimiStreams:
         out = self._check_out(out, (B, self.num_codebooks), torch.long)
         if latents is not None:
             self._check_out(latents, (B, self.encoder.transformer.d), self.dtype, "latents")
-        p = self._stage(self.encoder, slots, B)
-        p.host_input[:B].copy_(pcm)
-        if B < p.size:
-            p.host_input[B:].zero_()
-        with torch.no_grad():
-            self.encoder.run(p)
+        p = self._frame(self.encoder, slots, pcm)
         out.copy_(p.host_output[:, :B].t())
         if latents is not None:
             latents.copy_(p.latents[:, :B].t())
@@ -709,12 +707,7 @@ class MimiStreams:
             b, q = next(zip(*((values < 0) | (values >= card)).nonzero()))
             _fail(f"codes[{b}, {q}] = {int(values[b, q])} (slot {slots[b]}) is out of range [0, {card})")
         out = self._check_out(out, (B, self.frame_size), self.dtype)
-        p = self._stage(self.decoder, slots, B)
-        p.host_input[:B].copy_(codes)
-        if B < p.size:
-            p.host_input[B:].zero_()
-        with torch.no_grad():
-            self.decoder.run(p)
+        p = self._frame(self.decoder, slots, codes)
         out.copy_(p.host_output[:B])
         return out
 
@@ -756,6 +749,17 @@ class MimiStreams:
             _fail(f"{name} must be a CPU {dtype} tensor {list(shape)}, got "
                   f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}")
         return out
+
+    def _frame(self, direction: _Direction, slots: list[int], inputs: torch.Tensor) -> _Plan:
+        """One frame of `direction`: the rows' slots and inputs staged in the bucket's host mirror
+        (padding rows zero), then run; returns the plan holding the outputs."""
+        B = len(slots)
+        p = self._stage(direction, slots, B)
+        p.host_input[:B].copy_(inputs)
+        p.host_input[B:].zero_()
+        with torch.no_grad():
+            direction.run(p)
+        return p
 
     def _stage(self, direction: _Direction, slots: list[int], B: int) -> _Plan:
         size = min(next_pow2(B), self.max_streams)
