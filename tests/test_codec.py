@@ -24,7 +24,8 @@ from moshivis.audio import AudioError, MimiCodec
 from moshivis.codec import PAD_SLOT, MimiStreams
 
 FRAME, NQ, CARD = 1920, 8, 64
-pytestmark = pytest.mark.filterwarnings("error::UserWarning")  # e.g. an `out=` buffer resized by broadcasting
+pytestmark = [pytest.mark.filterwarnings("error::UserWarning"),  # e.g. an `out=` buffer resized by broadcasting
+              pytest.mark.usefixtures("one_thread")]
 MARGIN = 2e-5  # smallest relative gap between the nearest and second-nearest codebook entry the tests allow
 
 
@@ -62,16 +63,6 @@ def nearest_margin(model: MimiModel, signal: torch.Tensor) -> float:
                 gaps.append((dist[:, 1] - dist[:, 0]) / dist[:, 0])
                 residual = residual - layer.codebook.embed[layer.codebook.quantize(residual)]
     return float(torch.cat(gaps).min())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine idle OpenMP threads spinning
-    against other processes made these tests 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
