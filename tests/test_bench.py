@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import concurrency, frame_latency, gpu_suite, kernels
+from bench import codec, concurrency, frame_latency, gpu_suite, kernels
 from bench.common import FRAME_BUDGET_MS, count_launches, frame_bytes, model_weight_bytes, stream_bytes
 from moshivis import preset
 from moshivis.state import StreamState
@@ -108,6 +108,35 @@ def test_kernels_times_baselines_and_checks_but_never_times_interpreted_kernels(
     linear_ms = {r["M"] for r in rows if r["kernel"] == "linear"}
     assert linear_ms == set(kernels.SWEEPS["cpu"]["linear"])
     assert "kernel timings need a GPU" in capsys.readouterr().out
+
+
+@cpu_only
+def test_codec_bench_writes_json_labelled_cpu(tmp_path, capsys):
+    """bench.codec on test_e2e's tiny Mimi: one row per stream count with the stable fields; the two
+    ways agree (codes equal, PCM within float rounding)."""
+    from test_e2e import tiny_mimi
+    config = tmp_path / "mimi.json"
+    tiny_mimi(torch.Generator().manual_seed(0)).config.to_json_file(str(config))
+    out = tmp_path / "codec.json"
+    assert codec.main(["--streams", "1", "3", "--frames", "2", "--threads", "1", "--mimi-config", str(config),
+                       "--json", str(out)]) == 0
+    doc = load(out)
+    assert doc["benchmark"] == "codec" and doc["env"]["label"] == "CPU"
+    assert doc["rows"] == doc["results"] and [r["streams"] for r in doc["rows"]] == [1, 3]
+    for r in doc["rows"]:
+        assert r["label"] == "CPU" and r["frames"] == 2 and not r["cuda_graphs"]
+        for way in ("batched", "loop"):
+            assert r[f"{way}_stream_frames_per_s"] == pytest.approx(
+                r["streams"] * 1e3 / (r[f"{way}_encode_ms"] + r[f"{way}_decode_ms"]))
+            assert len(r[f"{way}_encode_times_ms"]) == len(r[f"{way}_decode_times_ms"]) == 2
+        assert r["speedup"] == pytest.approx(r["batched_stream_frames_per_s"] / r["loop_stream_frames_per_s"])
+        assert r["codes_equal_fraction"] == 1.0 and r["max_pcm_diff"] < 1e-4
+    assert "CPU figures, not GPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        codec.main(["--mimi-config", str(tmp_path / "missing.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mimi-config" in err and len(err.strip().splitlines()) == 1
 
 
 @cpu_only

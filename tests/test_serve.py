@@ -52,13 +52,7 @@ async def expect_errors(client, cases):
         assert msg.header["fatal"] is False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the engine thread and the event loop share 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the engine thread and the event loop share 2 cores
 
 
 @pytest.fixture(scope="module")
