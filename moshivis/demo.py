@@ -31,7 +31,9 @@ def tiny_mimi(gen: torch.Generator):
     cfg = MimiConfig(hidden_size=16, num_filters=4, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                      intermediate_size=32, codebook_size=64, codebook_dim=8, vector_quantization_hidden_dimension=8,
                      num_quantizers=8, upsample_groups=16, sliding_window=4)
-    model = MimiModel(cfg).eval()
+    with torch.random.fork_rng():  # transformers' own init (whose spread sets the scales below) from `gen`
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (), generator=gen)))
+        model = MimiModel(cfg).eval()
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("embed_sum"):  # codebooks start as zeros: make the codes vary

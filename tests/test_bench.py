@@ -114,7 +114,7 @@ def test_kernels_times_baselines_and_checks_but_never_times_interpreted_kernels(
 def test_codec_bench_writes_json_labelled_cpu(tmp_path, capsys):
     """bench.codec on test_e2e's tiny Mimi: one row per stream count with the stable fields; the two
     ways agree (codes equal, PCM within float rounding)."""
-    from test_e2e import tiny_mimi
+    from moshivis.demo import tiny_mimi
     config = tmp_path / "mimi.json"
     tiny_mimi(torch.Generator().manual_seed(0)).config.to_json_file(str(config))
     out = tmp_path / "codec.json"

@@ -16,7 +16,7 @@ import random
 
 import pytest
 import torch
-from test_e2e import tiny_mimi
+from moshivis.demo import tiny_mimi
 from transformers import MimiModel
 
 from bench.codec import fit_codebooks

@@ -7,8 +7,6 @@ model and PIL image processor, SentencePiece's `decode` and the engine fed direc
 """
 from __future__ import annotations
 
-import dataclasses
-import io
 import math
 import re
 import shutil
@@ -21,57 +19,19 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import MimiConfig, MimiModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import MimiConfig, MimiModel, SiglipVisionConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from moshivis import Engine, SamplingParams, checkpoint, preset, reference
+from moshivis import Engine, SamplingParams, checkpoint, reference
 from moshivis.audio import (AudioError, hf_to_modules, kyutai_to_hf, load_audio, load_mimi, read_wav, resample,
                             write_wav)
 from moshivis.chat import converse, main
+from moshivis.demo import demo_config, tiny_mimi, tiny_siglip, tiny_tokenizer_model
 from moshivis.text import TextError, TextTokenizer
 from moshivis.vision import ImageEncoder, VisionError, preprocess
 
 SR, FRAME = 24000, 1920
 SEED = 5
-SENTENCES = ["the cat sat on the mat", "a photo of a dog in the park", "what do you see in this picture",
-             "I see a red square on a blue background", "hello how are you today", "the weather is nice and sunny",
-             "there is a small green tree next to the house", "can you tell me what colour the car is"]
-
-
-def tiny_cfg():
-    # Square SigLIP grid (4x4 = 16 tokens of 24) and Mimi's codebook size (a power of two) as audio_card.
-    return dataclasses.replace(preset("tiny"), num_image_tokens=16, audio_card=64)
-
-
-def tiny_mimi(gen: torch.Generator) -> MimiModel:
-    # The real frame (24 kHz, ratios 8,6,5,4 and x2 downsampling = 1920 samples) at tiny widths; a
-    # sliding window of 4 steps so a few frames already go past it.
-    cfg = MimiConfig(hidden_size=16, num_filters=4, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                     intermediate_size=32, codebook_size=64, codebook_dim=8, vector_quantization_hidden_dimension=8,
-                     num_quantizers=8, upsample_groups=16, sliding_window=4)
-    model = MimiModel(cfg).eval()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("embed_sum"):  # codebooks start as zeros: make the codes vary
-                b.copy_(torch.randn(b.shape, generator=gen))
-        for name, p in model.named_parameters():
-            if "layernorm" not in name:
-                scale = p.std().item() if p.numel() > 1 else 0.0
-                p.copy_(torch.randn(p.shape, generator=gen) * max(scale, 0.02))
-        last = model.decoder.decoder_seanet.layers[-1].conv  # keep the output in [-1, 1]: 16-bit WAV holds it
-        last.weight.mul_(0.02)
-        last.bias.zero_()
-    return model
-
-
-def tiny_siglip(gen: torch.Generator) -> SiglipVisionModel:
-    cfg = SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=28, patch_size=7, vision_use_head=False)
-    model = SiglipVisionModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
 
 
 def tone(seconds: float, rate: int, gen: torch.Generator) -> torch.Tensor:
@@ -89,7 +49,7 @@ def read_int16_wav(path: Path) -> tuple[torch.Tensor, int]:
 def make_chat_folder(d: Path, gen: torch.Generator) -> dict:
     """A checkpoint folder as the chat command expects it (config, model with the SigLIP tower, Mimi in
     the Hugging Face layout, SentencePiece model, a non-square PNG), plus the objects it was made from."""
-    cfg = tiny_cfg()
+    cfg = demo_config()
     cfg.to_json(d / "config.json")
     siglip = tiny_siglip(gen)
     siglip.config.to_json_file(str(d / "vision_config.json"))
@@ -98,13 +58,11 @@ def make_chat_folder(d: Path, gen: torch.Generator) -> dict:
     checkpoint.save({**weights, **tower}, d / "model.safetensors")
     mimi = tiny_mimi(gen)
     mimi.save_pretrained(str(d / "mimi"))  # Hugging Face layout: config.json + flat-key model.safetensors
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 4), model_writer=buf, vocab_size=cfg.text_card,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
-    (d / "tokenizer_spm_32k_3.model").write_bytes(buf.getvalue())
+    sp = tiny_tokenizer_model(cfg.text_card)
+    (d / "tokenizer_spm_32k_3.model").write_bytes(sp)
     rng = np.random.default_rng(7)
     Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(d / "photo.png")  # not square
-    return dict(dir=d, cfg=cfg, weights=weights, siglip=siglip, mimi=mimi, sp=buf.getvalue())
+    return dict(dir=d, cfg=cfg, weights=weights, siglip=siglip, mimi=mimi, sp=sp)
 
 
 @pytest.fixture(scope="module")

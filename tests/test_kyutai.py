@@ -19,7 +19,9 @@ import websockets.asyncio.client as wsc
 
 from moshivis import Engine, SamplingParams
 from moshivis.serve.kyutai import colour, parse_query
-from test_serve import HOST, chat_answer, chat_files, metrics_text, one_thread, parse_metrics, run, serving  # noqa: F401
+from test_serve import HOST, chat_answer, chat_files, metrics_text, parse_metrics, run, serving  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SR, FRAME = 24000, 1920
 HANDSHAKE, AUDIO, TEXT, ERROR, PING, COLORED, IMAGE = 0x00, 0x01, 0x02, 0x05, 0x06, 0x07, 0x08

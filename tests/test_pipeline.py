@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 from moshivis import Engine
 from moshivis.client import Client
-from test_serve import (HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, one_thread, run,  # noqa: F401
-                        serving)
+from test_serve import HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, run, serving  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TICK_MS = 80.0
 
@@ -18,7 +20,8 @@ TICK_MS = 80.0
 async def speak(port: int, question: torch.Tensor, seed: int, image_file: bytes | None = None) -> dict:
     """A real-time speech client: opens, then one 1920-sample frame per tick on its own clock (after a
     one-frame head start), as `client.converse_pcm` sends them. Returns what `converse_pcm` returns plus
-    `opened_after` (seconds from open to opened) and `arrivals` (loop time of every frame reply)."""
+    `opened_after` (seconds from open to opened), `arrivals` (loop time of every frame reply) and
+    `frame_ms` (the server's time from each frame's due time to its tokens)."""
     loop = asyncio.get_running_loop()
     async with await Client.connect(HOST, port) as c:
         t0 = loop.time()
@@ -45,7 +48,7 @@ async def speak(port: int, question: torch.Tensor, seed: int, image_file: bytes 
     tokens = torch.stack([m.tensors["tokens"].to(torch.int64) for m in frames], 1)
     spoken = [m.tensors["pcm"] for m in frames if int(m.tensors["tokens"][0]) != -2]
     return {"tokens": tokens, "pcm": torch.cat(spoken)[:n], "transcript": "".join(m.header["text"] for m in frames),
-            "opened_after": opened_after, "arrivals": arrivals}
+            "opened_after": opened_after, "arrivals": arrivals, "frame_ms": [m.header["frame_ms"] for m in frames]}
 
 
 def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_files):
@@ -75,8 +78,12 @@ def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_
 
     running, late = run(scenario(), timeout=120)
     for r in running:
+        # Server side: every frame computed within 2 periods of its due time (an image on the frame path
+        # would hold one for 1 s). Client side (its loop shares this process with the server's): replies
+        # keep coming, no gap over 2 periods plus 40 ms of this machine's scheduling noise.
+        assert max(r["frame_ms"]) <= 2 * TICK_MS, f"a frame took {max(r['frame_ms']):.0f} ms after its due time"
         gaps = [b - a for a, b in zip(r["arrivals"], r["arrivals"][1:])]
-        assert max(gaps) <= 2 * TICK_MS / 1e3, f"a running stream waited {max(gaps) * 1e3:.0f} ms for a frame"
+        assert max(gaps) <= 2 * TICK_MS / 1e3 + 0.04, f"a running stream waited {max(gaps) * 1e3:.0f} ms"
     assert all(r["opened_after"] >= 1.0 for r in late)  # each started once its (slow) image was encoded
     for i, r in enumerate(running):
         assert_same_as_chat(r, *chat_answer(f, f["question"], SEED_A + i, image=False), cfg.max_delay)

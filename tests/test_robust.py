@@ -19,7 +19,9 @@ import torch
 from moshivis import Engine, preset, random_init
 from moshivis import protocol as P
 from moshivis.client import Client
-from test_serve import HOST, metrics_text, one_thread, parse_metrics, run, server_process, serving  # noqa: F401
+from test_serve import HOST, metrics_text, parse_metrics, run, server_process, serving
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TICK_MS = 80.0
 

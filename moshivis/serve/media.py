@@ -3,7 +3,7 @@
 `Media` holds what the server was started with (each part optional; a feature whose part is missing
 is refused, naming the option). `ImageWorker` decodes and encodes images on its own thread (its own
 CUDA stream on a GPU), several pending images in one SigLIP batch, so no stream's frame waits for an
-image. `SpeechCodec` is the streaming Mimi of every speech stream, one row per stream slot.
+image. The speech streams share one batched streaming Mimi (`moshivis.codec.MimiStreams`).
 """
 from __future__ import annotations
 
@@ -165,26 +165,3 @@ def _resolve(loop, future: asyncio.Future, result=None, error: Exception | None 
             else:
                 future.set_result(result)
     loop.call_soon_threadsafe(done)
-
-
-class SpeechCodec:
-    """The streaming Mimi of every speech stream, one slot each: `encode(pcm [B, 1920], slots)` on the
-    engine thread, `decode(codes [B, nq], slots)` on the output thread (the two halves share no state)."""
-
-    def __init__(self, codec, slots: int):
-        self.codec = codec
-        self._encoders = [None] * slots
-        self._decoders = [None] * slots
-
-    def reset_encoder(self, slot: int) -> None:
-        self._encoders[slot] = self.codec.encoder()
-
-    def reset_decoder(self, slot: int) -> None:
-        self._decoders[slot] = self.codec.decoder()
-
-    def encode(self, pcm: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        return torch.stack([self._encoders[s].step(pcm[i:i + 1])[0] for i, s in enumerate(slots)]).to("cpu", torch.long)
-
-    def decode(self, codes: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        return torch.stack([self._decoders[s].step(codes[i:i + 1])[0] for i, s in enumerate(slots)]).to(
-            "cpu", torch.float32)

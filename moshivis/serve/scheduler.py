@@ -50,7 +50,7 @@ from ..config import UNGENERATED
 from ..engine import Engine, SamplingParams, StreamError
 from ..image_pool import ImageError
 from .config import ServerConfig
-from .media import ImageWorker, Media, SpeechCodec
+from .media import ImageWorker, Media
 from .metrics import Metrics
 
 log = logging.getLogger("moshivis.server")
@@ -134,7 +134,10 @@ class Scheduler:
         self._output_ex = concurrent.futures.ThreadPoolExecutor(1, "moshivis-output", **threads)
         self.images = ImageWorker(self.media.vision, self.config.max_pending_images, self.config.max_upload_bytes,
                                   self.metrics.stages["image"].observe) if self.media.vision is not None else None
-        self.speech = SpeechCodec(self.media.codec, engine.max_streams) if self.media.codec is not None else None
+        self.speech = None  # the speech streams' batched streaming Mimi: one slot per stream
+        if self.media.codec is not None:
+            from ..codec import MimiStreams
+            self.speech = MimiStreams(self.media.codec, engine.max_streams)
         self._free_slots = list(range(engine.max_streams))
         self._decode_stream = None
         self.streams: set[Stream] = set()
@@ -155,6 +158,8 @@ class Scheduler:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> "Scheduler":
+        if self.speech is not None and self.speech.device.type == "cuda":
+            self.speech.warmup()  # every batch size captured before the first stream, as the engine's
         self._wake, self._closed = asyncio.Event(), asyncio.Event()
         self._loop_task = asyncio.create_task(self._run(), name="moshivis-scheduler")
         return self
@@ -353,8 +358,8 @@ class Scheduler:
                     s.state, s.last_input = "open", loop.time()
                     if s.audio == "pcm":
                         s.slot = self._free_slots.pop()
-                        self._output_ex.submit(self.speech.reset_decoder, s.slot)
-                        self._engine_ex.submit(self.speech.reset_encoder, s.slot)
+                        self._output_ex.submit(self.speech.decoder.reset, s.slot)  # each half on its thread,
+                        self._engine_ex.submit(self.speech.encoder.reset, s.slot)  # before the slot's next frame
                     if self.media.tokenizer is not None:
                         s.transcript = self.media.tokenizer.stream()
                     s.sink.opened(s)
