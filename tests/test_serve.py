@@ -769,7 +769,7 @@ def assert_same_as_chat(got: dict, answer, printed: str, max_delay: int):
     assert tokens[0, max_delay:].tolist() == answer.text_tokens
     assert torch.equal(tokens[1:, max_delay:].T, answer.audio_tokens)
     assert got["pcm"].shape == answer.pcm.shape
-    torch.testing.assert_close(got["pcm"], answer.pcm, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["pcm"], answer.pcm, atol=1e-5, rtol=0)  # batched vs per-stream Mimi: ~3e-7
     assert got["transcript"] == printed == answer.transcript and printed, "the random model should say something"
 
 
@@ -898,4 +898,7 @@ def test_server_and_client_command_lines_with_wav_and_png(chat_files, tmp_path):
     assert stdout.getvalue() == printed + "\n"
     got = load_audio(out, 24000)
     assert got.shape == answer.pcm.shape
-    torch.testing.assert_close(got, torch.round(answer.pcm.clamp(-1, 1) * 32767) / 32768, atol=1e-6, rtol=0)
+    # One 16-bit step: the server's batched Mimi decoder differs from chat's per-stream one by ~3e-7
+    # (tests/test_codec.py), enough to move a few samples across a rounding boundary.
+    torch.testing.assert_close(got, torch.round(answer.pcm.clamp(-1, 1) * 32767) / 32768, atol=1 / 32767 + 1e-6,
+                               rtol=0)
