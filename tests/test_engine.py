@@ -392,7 +392,8 @@ def test_streams_follow_the_hand_stepped_reference(tiny_cfg, tiny_weights, golde
     kernels): an image of 7 of the pool's 12 tokens, attended to from frame `xa_start` on and sampled with a
     repetition penalty; a 12-token image from frame 0, greedy; no image, sampled with the penalty. Tokens
     equal frame by frame; text logits (after the penalty) within 1e-5 (measured: 1e-6); per-layer gate means
-    within 1e-6 and exactly 0 before xa_start and without an image. The Triton interpreter runs 3 frames."""
+    within 1e-6 and exactly 0 before xa_start and without an image. The Triton interpreter runs 3 frames
+    (the first without the image)."""
     s = golden_streams["stream_image_b2"]
     feats, user = s["image_features"], s["user_audio_tokens"]
     frames, xa_start = (6, 3) if backend == "torch" else (3, 1)
