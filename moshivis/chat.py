@@ -4,6 +4,8 @@ python -m moshivis.chat --checkpoint DIR --image photo.jpg --audio question.wav 
     [--config JSON|PRESET] [--mimi FILE|DIR] [--mimi-config JSON] [--tokenizer FILE]
     [--siglip FILE] [--vision-config JSON] [--backend torch|triton] [--device cpu|cuda]
     [--dtype float32|bfloat16] [--weights dense|int8] [--resample] [--seed N] [--greedy] [--quiet]
+    [--xa-start FRAME] [--image-resolution PX] [--center-crop]
+    [--repetition-penalty P] [--repetition-penalty-context N]
 
 Found in DIR unless given: the model (`*.safetensors` other than Mimi's; the SigLIP tower is read
 from it too, `image_prefix.enc.model.*`), the config (`config.json`, else the `moshika-vis` preset),
@@ -20,6 +22,7 @@ line naming the file and what is wrong with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -57,8 +60,9 @@ class Answer:
 
 def converse(engine: Engine, codec, tokenizer, features: torch.Tensor | None, question: torch.Tensor,
              seed: int = 0, sampling: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-             on_frame: Callable[[int, int], None] | None = None) -> Answer:
-    """Answer `question` (mono float32 [samples] at the codec's rate) about the image `features`.
+             on_frame: Callable[[int, int], None] | None = None, xa_start: int = 0) -> Answer:
+    """Answer `question` (mono float32 [samples] at the codec's rate) about the image `features`, looked
+    at from frame `xa_start` on.
 
     One engine stream; per frame: Mimi encoder -> engine.step -> Mimi decoder + transcript.
     """
@@ -69,7 +73,7 @@ def converse(engine: Engine, codec, tokenizer, features: torch.Tensor | None, qu
     frames = math.ceil(question.shape[-1] / frame)
     total = frames + cfg.max_delay
     padded = torch.nn.functional.pad(question.float(), (0, total * frame - question.shape[-1]))
-    sid = engine.open_stream(seed=seed, image=features, sampling=sampling)
+    sid = engine.open_stream(seed=seed, image=features, sampling=sampling, xa_start=xa_start)
     enc, dec, text = codec.encoder(), codec.decoder(), tokenizer.stream()
     pcm, text_tokens, audio_tokens = [], [], []
     try:
@@ -111,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="resample a question not at 24 kHz instead of refusing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy", action="store_true", help="argmax instead of Kyutai's default sampling")
+    p.add_argument("--xa-start", type=int, default=0,
+                   help="the first frame that looks at the image (Kyutai's web client: 16; default 0)")
+    p.add_argument("--image-resolution", type=int,
+                   help="resize the picture to this side (rounded to the patch size, at most the encoder's own)")
+    p.add_argument("--center-crop", action="store_true", help="cut out the picture's central square first")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="Kyutai's text repetition penalty (its web client: 1.15; default 1 = none)")
+    p.add_argument("--repetition-penalty-context", type=int, default=64,
+                   help="how many recent text tokens the penalty looks at (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -219,14 +232,19 @@ def _run(args) -> int:
         raise ChatError(f"SigLIP from {siglip} gives {encoder.num_tokens} x {encoder.hidden_size} features; the "
                         f"model expects {cfg.num_image_tokens} x {cfg.image_encoder_dim} (num_image_tokens x "
                         "image_encoder_dim): check --vision-config")
-    features = encoder.encode(picture)
+    try:
+        sampling = dataclasses.replace(SamplingParams.greedy() if args.greedy else SamplingParams(),
+                                       repetition_penalty=args.repetition_penalty,
+                                       repetition_penalty_context=args.repetition_penalty_context)
+    except ValueError as e:
+        raise ChatError(str(e)) from e
+    features = encoder.encode(picture, args.image_resolution, args.center_crop)
     weights = checkpoint.load(model_path, cfg, dtype=dtype, device=device, weights=args.weights)
     engine = Engine(cfg, weights, max_streams=1, backend=args.backend)
 
-    sampling = SamplingParams.greedy() if args.greedy else SamplingParams()
     progress = _Progress(codec.frame_size / codec.sample_rate, enabled=not args.quiet)
     answer = converse(engine, codec, tokenizer, features, question, seed=args.seed, sampling=sampling,
-                      on_text=lambda s: print(s, end="", flush=True), on_frame=progress)
+                      on_text=lambda s: print(s, end="", flush=True), on_frame=progress, xa_start=args.xa_start)
     print(flush=True)
     write_wav(out, answer.pcm, codec.sample_rate)
     if not args.quiet:

@@ -11,6 +11,10 @@ from pathlib import Path
 # embeds as exact zeros; UNGENERATED (-2) is not produced yet, also what a warm-up frame outputs.
 from moshivis_kernels.token_delays import UNGENERATED, ZERO_TOKEN  # noqa: F401  (part of this module's API)
 
+# The text token that ends a run of padding (Kyutai's `end_of_text_padding_id`); with the padding token
+# (`MoshiVisConfig.padding_token_id`) it carries no text: not shown, not counted by the repetition penalty.
+END_OF_PADDING = 0
+
 
 class ConfigError(ValueError):
     """An impossible or unsupported config value; the message names the field."""

@@ -8,8 +8,10 @@ checked before any state changes, so a bad request fails alone.
 
 A frame: the inputs are staged into the backend's fixed frame buffers (`frame.FrameBuffers`, host
 mirror then one upload), the backend runs the model and the token bookkeeping on the device (the triton
-backend replays a CUDA graph per batch-size bucket on a GPU), and the tokens come back to the host: the
-frame's one synchronisation. The per-stream scalars (position, seed, sampling) live on the host.
+backend replays a CUDA graph per batch-size bucket on a GPU), and the tokens come back to the host with
+the frame's gate statistics: the frame's one synchronisation. The per-stream scalars (position, seed,
+sampling, the frame from which it attends to its image) live on the host; a stream's recent text tokens
+(its repetition penalty's history) live on the device, appended inside the frame.
 """
 from __future__ import annotations
 
@@ -20,62 +22,93 @@ import torch
 
 from moshivis_kernels import count_launches
 
+from . import gates
 from .backends import get_backend
 from .config import ZERO_TOKEN, MoshiVisConfig
-from .frame import NOT_FORCED
+from .frame import NO_IMAGE, NOT_FORCED
 from .image_pool import ImagePool
-from .state import StreamState
+from .state import TEXT_HISTORY, StreamState
 
 
 class StreamError(ValueError):
     """A request naming an unknown or closed stream, or carrying bad tokens."""
 
 
+_FP32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Temperature 0 means greedy (argmax, first maximum). Kyutai's defaults."""
+    """Temperature 0 means greedy (argmax, first maximum); top-k 0 (or >= the vocabulary) keeps every
+    token. Kyutai's defaults, and no repetition penalty.
+
+    repetition_penalty (> 0, 1 = none) and repetition_penalty_context (0..TEXT_HISTORY): Kyutai's penalty
+    on the text token (its Rust server's; its web client asks for 1.15 over 64): each distinct token among
+    the stream's last `context` text tokens other than padding gets its logit l divided by the penalty
+    (l >= 0) or multiplied by it (l < 0) before the draw.
+    """
     temperature_text: float = 0.7
     top_k_text: int = 25
     temperature_audio: float = 0.8
     top_k_audio: int = 250
+    repetition_penalty: float = 1.0
+    repetition_penalty_context: int = 64
 
     @classmethod
     def greedy(cls) -> "SamplingParams":
         return cls(temperature_text=0.0, temperature_audio=0.0)
 
     def __post_init__(self):
+        def real(name):  # a finite number that survives the cast to fp32 (the kernels' type)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FP32_MAX:
+                raise ValueError(f"sampling {name} must be a finite number, got {value!r}")
+            return value
+
+        def integer(name, top, meaning):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                raise ValueError(f"sampling {name} must be an integer >= 0 ({meaning}) and <= {top}, got {value!r}")
+
         for name in ("temperature_text", "temperature_audio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and value == value):
-                raise ValueError(f"sampling {name} must be a number >= 0, got {value!r}")
+            if real(name) < 0:
+                raise ValueError(f"sampling {name} must be a number >= 0 (0 = greedy), got {getattr(self, name)!r}")
         for name in ("top_k_text", "top_k_audio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"sampling {name} must be an integer >= 0 (0 = no top-k), got {value!r}")
+            integer(name, 2**63 - 1, "0 = no top-k")  # >= the vocabulary keeps every token too
+        if not np.float32(real("repetition_penalty")) > 0:
+            raise ValueError(f"sampling repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty!r}")
+        integer("repetition_penalty_context", TEXT_HISTORY, "text tokens looked back over")
 
 
 @dataclass
 class _Stream:
     slot: int
-    image_slot: int = -1
+    image_slot: int = NO_IMAGE
+    xa_start: int = 0  # the first frame that attends to the image
 
 
 class Engine:
-    """Streams API over one model: `open_stream`, `set_image`, `close_stream`, `step`.
+    """Streams API over one model: `open_stream`, `set_image`, `close_stream`, `step`, and per frame
+    `gate_means` / `text_colors` (what the streams' last frame looked at its images).
 
     weights: the flat dict of `checkpoint.load` / `random_init`; its dtype and device are the compute
-    dtype and device. max_images: image pool capacity (default: max_streams).
+    dtype and device. max_images: image pool capacity (default: max_streams). max_image_tokens: the most
+    tokens an image may have (default cfg.num_image_tokens, the encoder's own resolution; an image encoded
+    at a lower resolution has fewer, `vision.ImageEncoder.encode(..., resolution=)`); the pool reserves
+    that many per image.
     """
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, max_streams: int = 1, backend: str = "torch",
-                 max_images: int | None = None):
-        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
-            raise ValueError(f"max_streams must be a positive integer, got {max_streams!r}")
+                 max_images: int | None = None, max_image_tokens: int | None = None):
+        for name, value in (("max_streams", max_streams), ("max_image_tokens", max_image_tokens)):
+            if (value is not None or name == "max_streams") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         ref = weights["llm.text_emb.weight"]
         self.cfg, self.weights, self.max_streams = cfg, weights, max_streams
         self.dtype, self.device = ref.dtype, ref.device
         self.state = StreamState(cfg, max_streams, self.dtype, self.device)
-        self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device)
+        self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device, max_image_tokens)
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
@@ -88,8 +121,11 @@ class Engine:
         return list(self._streams)
 
     def open_stream(self, seed: int = 0, image: torch.Tensor | None = None,
-                    sampling: SamplingParams | None = None) -> int:
-        """A new stream id. `image`: image-encoder features [num_image_tokens, image_encoder_dim]."""
+                    sampling: SamplingParams | None = None, xa_start: int = 0) -> int:
+        """A new stream id. `image`: image-encoder features [N, image_encoder_dim], 1 <= N <=
+        max_image_tokens. `xa_start`: the stream attends to its image from its frame `xa_start` on (0:
+        from the start); before it, its frames skip the cross-attention block exactly as without an image
+        (gate statistics 0), as Kyutai's server does with its `xa_start` (web client default 16)."""
         used = {s.slot for s in self._streams.values()}
         free = [s for s in range(self.max_streams) if s not in used]
         if not free:
@@ -99,11 +135,14 @@ class Engine:
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise StreamError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        image_slot = self.pool.swap(-1, image, "image features of the new stream")
+        if isinstance(xa_start, bool) or not isinstance(xa_start, int) or not 0 <= xa_start < 2 ** 63:
+            raise StreamError(f"xa_start must be an integer in [0, 2**63) (a frame index), got {xa_start!r}")
+        image_slot = self.pool.swap(NO_IMAGE, image, "image features of the new stream")
         stream_id, self._next_id = self._next_id, self._next_id + 1
-        self._streams[stream_id] = _Stream(free[0], image_slot)
+        self._streams[stream_id] = _Stream(free[0], image_slot, xa_start)
         self.state.reset(free[0], seed, (sampling.temperature_text, sampling.temperature_audio),
-                         (sampling.top_k_text, sampling.top_k_audio))
+                         (sampling.top_k_text, sampling.top_k_audio),
+                         (sampling.repetition_penalty, sampling.repetition_penalty_context))
         return stream_id
 
     def set_image(self, stream: int, image: torch.Tensor | None) -> None:
@@ -149,11 +188,14 @@ class Engine:
         h = fb.host
         slots = [r.slot for r in recs]
         h.rows[:B] = slots
-        h.image_slots[:B] = [r.image_slot for r in recs]
         h.positions[:B] = st.t[slots]
+        # a stream younger than its xa_start does not look at its image yet: the host knows its position
+        h.image_slots[:B] = [r.image_slot if t >= r.xa_start else NO_IMAGE for r, t in zip(recs, h.positions)]
         h.seed[:B] = st.seed[slots]
         h.top_k[:B] = st.top_k[slots]
         h.temperature[:B] = st.temperature[slots]
+        h.repetition_penalty[:B] = st.repetition_penalty[slots]
+        h.repetition_context[:B] = st.repetition_context[slots]
         h.user[:B] = user
         h.forced[:B] = NOT_FORCED if forced is None else forced
         fb.pad(B)
@@ -176,16 +218,23 @@ class Engine:
 
     def gate_means(self, streams: list[int]) -> torch.Tensor:
         """[len(streams), num_layers] fp32: each layer's mean cross-attention gate (how much the stream
-        looked at its image; 0 without one) in the last step, for streams that were in it. Kept on the
-        device by every frame; read (a synchronisation) only here, when asked."""
+        looked at its image; 0 without one, or before its xa_start) in the last step, for streams that
+        were in it. They come back to the host with the frame's tokens (same copy wait): reading them
+        costs no synchronisation."""
         if self._last_frame is None:
             raise StreamError("no frame has run yet: gate statistics come from the last step")
         fb, row_of = self._last_frame
         missing = [s for s in streams if s not in row_of]
         if missing:
             raise StreamError(f"stream ids {missing} were not in the last step (its streams: {list(row_of)})")
-        rows = [row_of[s] for s in streams]
-        return fb.gate_mean[:, rows].T.to("cpu", copy=True)
+        return torch.from_numpy(fb.host.gate_mean[:, [row_of[s] for s in streams]].T.copy())
+
+    def text_colors(self, streams: list[int]) -> list[int]:
+        """Kyutai's colour byte (0..10) per stream from its last step's gates (`gates.text_colors`): what
+        Kyutai's servers send with a text piece (message 0x07). Kyutai's PyTorch server pairs the text token
+        handed out by a step with that step's gates, its Rust server with the gates of the step that drew
+        the token (here the step before: the text token comes out one frame late)."""
+        return gates.text_colors(self.gate_means(streams))
 
     def _check_step(self, user, streams, forced, out):
         """(streams' records, user tokens, forced tokens or None) as numpy arrays; raises on bad input

@@ -14,18 +14,22 @@ class ImageError(ValueError):
 
 
 class ImagePool:
-    """`kv` [capacity, N, 2, heads, head_dim]: one preallocated buffer of image K/V slots.
+    """`kv` [capacity, max_tokens, 2, heads, head_dim]: one preallocated buffer of image K/V slots;
+    `num_tokens` [capacity] int32 (on the device): how many tokens slot s holds (its first rows; an image
+    encoded at a resolution other than the encoder's own has fewer, (resolution // patch)^2). The
+    cross-attention reads only those.
 
     Identical features (same bytes) attached by several streams share one slot (content hash +
     refcount); a slot is freed when its last stream lets go of it. New images are projected at the
-    next `flush()` (the engine calls it before each frame), all of them in one batched call.
+    next `flush()` (the engine calls it before each frame), batched per token count.
     """
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, capacity: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, max_tokens: int | None = None):
         self.cfg, self.weights, self.capacity = cfg, weights, capacity
-        self.kv = torch.zeros(capacity, cfg.num_image_tokens, 2, cfg.num_heads, cfg.head_dim,
-                              dtype=dtype, device=device)
+        self.max_tokens = cfg.num_image_tokens if max_tokens is None else max_tokens
+        self.kv = torch.zeros(capacity, self.max_tokens, 2, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.num_tokens = torch.full((capacity,), self.max_tokens, dtype=torch.int32, device=device)
         self.refcount = [0] * capacity
         self._slot_of: dict[str, int] = {}
         self._digest_of: dict[int, str] = {}
@@ -41,10 +45,10 @@ class ImagePool:
             raise ImageError(f"{what} must be a torch.Tensor, got {type(features).__name__}")
         if not features.is_floating_point():
             raise ImageError(f"{what} must be floating point, got dtype {features.dtype}")
-        shape = (cfg.num_image_tokens, cfg.image_encoder_dim)
-        if tuple(features.shape) != shape:
-            raise ImageError(f"{what} must have shape {list(shape)} (image tokens x encoder dim), "
-                             f"got {list(features.shape)}")
+        if features.dim() != 2 or features.shape[1] != cfg.image_encoder_dim \
+                or not 1 <= features.shape[0] <= self.max_tokens:
+            raise ImageError(f"{what} must have shape [N, {cfg.image_encoder_dim}] (image tokens x encoder dim) "
+                             f"with 1 <= N <= {self.max_tokens} (max_image_tokens), got {list(features.shape)}")
         if not bool(torch.isfinite(features).all()):
             raise ImageError(f"{what} contain NaN or infinite values")
         return features
@@ -89,8 +93,12 @@ class ImagePool:
 
     def flush(self) -> None:
         """Image projection + shared K/V projection for every image attached since the last flush,
-        batched: [P, N, image_encoder_dim] -> kv[slots] [P, N, 2, heads, head_dim]."""
-        if self._pending:
-            slots = list(self._pending)
+        batched per token count n: [P, n, image_encoder_dim] -> kv[slots, :n] [P, n, 2, heads, head_dim]."""
+        by_count: dict[int, list[int]] = {}
+        for slot, features in self._pending.items():
+            by_count.setdefault(features.shape[0], []).append(slot)
+        for n, slots in by_count.items():
             features = torch.stack([self._pending.pop(s) for s in slots])
-            self.kv[torch.tensor(slots, device=self.kv.device)] = reference.image_kv(self.weights, self.cfg, features)
+            index = torch.tensor(slots, device=self.kv.device)
+            self.kv[index, :n] = reference.image_kv(self.weights, self.cfg, features)
+            self.num_tokens[index] = n

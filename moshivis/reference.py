@@ -13,8 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moshivis_kernels.sampling import sample_tokens_reference
+
 from .checkpoint import XA, scale_key
-from .config import MoshiVisConfig
+from .config import END_OF_PADDING, MoshiVisConfig
 
 TEMPORAL_EPS = 1e-8
 DEPFORMER_EPS = 1e-8
@@ -131,18 +133,24 @@ def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cac
 
 def cross_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor,
                     image_kv_rows: torch.Tensor, has_image: torch.Tensor,
-                    gate_mean: torch.Tensor | None = None) -> torch.Tensor:
+                    gate_mean: torch.Tensor | None = None, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Layer i's gated cross-attention with its residual (SPEC.md §4.2).
 
     image_kv_rows [B, N, 2, H, D]: each stream's image K/V (anything where has_image [B] is False:
-    those rows are returned unchanged, as Kyutai skips the block without an image). gate_mean [B]
-    fp32, optional: receives each row's mean gate (0 without an image), on the device.
+    those rows are returned unchanged, as Kyutai skips the block without an image). num_tokens [B],
+    optional: each row's image has only its first num_tokens of the N tokens (an image encoded at
+    another resolution); the rest are not attended to. gate_mean [B] fp32, optional: receives each row's
+    mean gate (0 without an image), on the device.
     """
     p = f"llm.transformer.layers.{i}"
     B, H, D = x.shape[0], cfg.num_heads, cfg.head_dim
     y = rms_norm(x, w[f"{p}.norm_cross.alpha"])
     q = linear(w, f"{XA}.in_proj_weight", y, rows=slice(0, cfg.dim)).view(B, H, D)  # Wq: rows [0, dim)
-    attn = attention(q, image_kv_rows[:, :, 0], image_kv_rows[:, :, 1])
+    visible = None
+    if num_tokens is not None:  # rows without an image see every key: their result is dropped anyway
+        N = image_kv_rows.shape[1]
+        visible = (torch.arange(N, device=x.device)[None, :] < num_tokens[:, None]) | ~has_image[:, None]
+    attn = attention(q, image_kv_rows[:, :, 0], image_kv_rows[:, :, 1], visible)
     a = linear(w, f"{XA}.out_proj.weight", attn.reshape(B, H * D))
     hidden = F.relu(linear(w, f"{p}.cross_attention.gate.alpha.0.weight", a))
     g = torch.sigmoid(linear(w, f"{p}.cross_attention.gate.alpha.2.weight", hidden) - 4)
@@ -192,3 +200,109 @@ def depformer_step(w: dict, cfg: MoshiVisConfig, k: int, h: torch.Tensor, prev_t
 # ---- sampling (SPEC.md §7) ----------------------------------------------------------------------
 # Sampling's reference is `moshivis_kernels.sampling.sample_tokens_reference`: plain PyTorch beside its
 # kernel, drawing with the same counter-based random numbers so both backends give the same tokens.
+
+
+def repetition_penalty(logits: torch.Tensor, text_tokens: list[int], penalty: float, context: int,
+                       ignored: tuple[int, ...]) -> torch.Tensor:
+    """Kyutai's text repetition penalty, as its Rust server applies it (`apply_repetition_penalty` in
+    moshi-core's lm_generate_multistream.rs): walk the stream's text tokens newest first, skip the
+    ignored ones (padding, end-of-padding), count `context` others and penalise each distinct one once,
+    l / penalty if l >= 0 else l * penalty (fp32). logits [V] -> a new tensor."""
+    out = logits.float().clone()
+    seen: set[int] = set()
+    counted = 0
+    for token in reversed(text_tokens):
+        if token in ignored:
+            continue
+        if counted >= context:
+            break
+        counted += 1
+        if token in seen:
+            continue
+        seen.add(token)
+        x = out[token]
+        out[token] = x / penalty if x >= 0 else x * penalty
+    return out.to(logits.dtype)
+
+
+# ---- one stream, stepped as Kyutai's generator steps it (SPEC.md §7) ----------------------------
+class StreamingReference:
+    """One stream stepped by hand with the functions above, written like Kyutai's `MoshiVisGen.step`:
+    its own token cache, K/V cache, position and text history, nothing shared with the engine. The
+    anchor for the engine's streaming behaviour (delays, images attended from `xa_start`, per-image
+    token counts, the repetition penalty).
+
+    image: features [n, image_encoder_dim] or None; xa_start: the first frame that attends to the image
+    (Kyutai's server passes no image before it, so earlier frames skip the block); sampling: greedy at
+    temperature 0, otherwise drawn with `sample_tokens_reference` (the engine's random numbers, keyed by
+    seed, frame and codebook); repetition_penalty / repetition_context: `repetition_penalty` on the
+    text logits, ignoring the padding and end-of-padding tokens.
+    """
+
+    def __init__(self, w: dict, cfg: MoshiVisConfig, image: torch.Tensor | None = None, xa_start: int = 0,
+                 seed: int = 0, temperature: tuple[float, float] = (0.0, 0.0), top_k: tuple[int, int] = (0, 0),
+                 repetition_penalty: float = 1.0, repetition_context: int = 0):
+        self.w, self.cfg = w, cfg
+        dtype, device = w["llm.text_emb.weight"].dtype, w["llm.text_emb.weight"].device
+        self.image_kv = None if image is None else image_kv(w, cfg, image.to(device, dtype))[None]
+        self.xa_start, self.seed = xa_start, seed
+        self.temperature, self.top_k = temperature, top_k
+        self.penalty, self.context = repetition_penalty, repetition_context
+        self.ignored = (END_OF_PADDING, cfg.padding_token_id)
+        self.cache = torch.full((1 + cfg.n_q, cfg.max_delay + 2), -2, dtype=torch.long, device=device)
+        self.kv = torch.zeros(cfg.num_layers, 1, 2, cfg.context, cfg.num_heads, cfg.head_dim, dtype=dtype,
+                              device=device)
+        self.t = 0
+        self.text_tokens: list[int] = []  # every text token of the stream so far (drawn or forced)
+
+    def _choose(self, logits: torch.Tensor, codebook: int, forced: int) -> int:
+        if forced >= 0:
+            return forced
+        kind = min(codebook, 1)
+        one = lambda v, dt: torch.tensor([v], dtype=dt, device=logits.device)  # noqa: E731
+        return int(sample_tokens_reference(logits[None], one(self.temperature[kind], torch.float32),
+                                           one(self.top_k[kind], torch.int64), one(self.seed, torch.int64),
+                                           one(self.t, torch.int64), codebook)[0])
+
+    def step(self, user: torch.Tensor, forced: torch.Tensor | None = None):
+        """One frame: user [num_audio_in] tokens, forced [1 + dep_q] (-1: draw) -> (tokens [1 + dep_q]
+        after delays, -2 during the warm-up frames; text_logits [text_card] after the penalty;
+        audio_logits [dep_q, audio_card]; gate_means [num_layers] fp32, 0 in frames without the image)."""
+        cfg, w, t = self.cfg, self.w, self.t
+        delays, L = cfg.delays, self.cache.shape[1]
+        initial = [cfg.text_card] + [cfg.audio_card] * cfg.n_q
+        forced = [-1] * (1 + cfg.dep_q) if forced is None else [int(f) for f in forced]
+        for j, token in enumerate(user.tolist()):  # the user's codebooks enter at their delay
+            r = 1 + cfg.dep_q + j
+            self.cache[r, (t + delays[r]) % L] = token
+        for r, delay in enumerate(delays):  # rows younger than their delay read the initial token
+            if t <= delay:
+                self.cache[r, t % L] = initial[r]
+        inputs = self.cache[:, t % L][None]
+        position, row = torch.tensor([t], device=self.cache.device), torch.tensor([0], device=self.cache.device)
+        gates = torch.zeros(cfg.num_layers, 1, dtype=torch.float32, device=self.cache.device)
+        attend = self.image_kv is not None and t >= self.xa_start
+        x = embed_inputs(w, cfg, inputs)
+        for i in range(cfg.num_layers):
+            x = self_attention(w, cfg, i, x, self.kv[i], row, position)
+            if attend:
+                x = cross_attention(w, cfg, i, x, self.image_kv, torch.tensor([True]), gates[i])
+            x = ffn(w, i, x)
+        h, logits = text_logits(w, x)
+        penalised = repetition_penalty(logits[0], self.text_tokens, self.penalty, self.context, self.ignored)
+        tokens = [self._choose(penalised, 0, forced[0])]
+        self.text_tokens.append(tokens[0])
+        cache = torch.zeros(cfg.depformer_num_layers, 1, 2, cfg.dep_q, cfg.depformer_num_heads,
+                            cfg.depformer_head_dim, dtype=h.dtype, device=h.device)
+        audio_logits = []
+        for k in range(cfg.dep_q):
+            lk = depformer_step(w, cfg, k, h, torch.tensor([tokens[-1]], device=h.device), cache)[0]
+            audio_logits.append(lk)
+            tokens.append(self._choose(lk, 1 + k, forced[1 + k]))
+        self.t = t = t + 1
+        self.cache[: 1 + cfg.dep_q, t % L] = torch.tensor(tokens, device=self.cache.device)
+        if t <= cfg.max_delay:
+            out = torch.full((1 + cfg.dep_q,), -2, dtype=torch.long)
+        else:
+            out = torch.stack([self.cache[r, (t - cfg.max_delay + delays[r]) % L] for r in range(1 + cfg.dep_q)])
+        return out.cpu(), penalised, torch.stack(audio_logits), gates[:, 0]

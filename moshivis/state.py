@@ -6,6 +6,8 @@ import torch
 
 from .config import UNGENERATED, MoshiVisConfig
 
+TEXT_HISTORY = 256  # text tokens kept per stream for the repetition penalty: the longest context it takes
+
 
 class StreamState:
     """State of up to `max_streams` streams, one slot each.
@@ -13,9 +15,13 @@ class StreamState:
     On the device, updated in place by the frame:
       kv      [layers, slots, 2, context, heads, head_dim]  self-attention ring buffers (K, V after RoPE)
       tokens  [slots, 1 + n_q, max_delay + 2]                delayed-token buffer (SPEC.md §7), -2 = none
+      text_history [slots, TEXT_HISTORY], text_history_len [slots]   int64 ring of the stream's most recent
+                                           text tokens other than padding (repetition penalty; entry i at
+                                           i % TEXT_HISTORY), appended by the frame's text sampler
     On the host (numpy), staged into each frame's inputs by the engine:
       t [slots]                            frames since the stream started
       temperature [slots, 2], top_k [slots, 2]   sampling of the text (0) and audio (1) tokens
+      repetition_penalty [slots], repetition_context [slots]   the text token's repetition penalty
       seed [slots]                         the stream's seed: keys its random numbers
     """
 
@@ -25,18 +31,26 @@ class StreamState:
                               dtype=dtype, device=device)
         self.tokens = torch.full((max_streams, 1 + cfg.n_q, cfg.max_delay + 2), UNGENERATED,
                                  dtype=torch.long, device=device)
+        self.text_history = torch.zeros(max_streams, TEXT_HISTORY, dtype=torch.long, device=device)
+        self.text_history_len = torch.zeros(max_streams, dtype=torch.long, device=device)
         self.t = np.zeros(max_streams, dtype=np.int64)
         self.temperature = np.zeros((max_streams, 2), dtype=np.float32)
         self.top_k = np.zeros((max_streams, 2), dtype=np.int64)
+        self.repetition_penalty = np.ones(max_streams, dtype=np.float32)
+        self.repetition_context = np.zeros(max_streams, dtype=np.int64)
         self.seed = np.zeros(max_streams, dtype=np.int64)
 
-    def reset(self, slot: int, seed: int, temperature: tuple[float, float], top_k: tuple[int, int]) -> None:
-        """Make a slot a fresh stream. Old K/V need not be cleared: the window mask hides them."""
+    def reset(self, slot: int, seed: int, temperature: tuple[float, float], top_k: tuple[int, int],
+              repetition: tuple[float, int] = (1.0, 0)) -> None:
+        """Make a slot a fresh stream (repetition: penalty, context). Old K/V and text history entries
+        need not be cleared: the window mask and the history length hide them."""
         self.tokens[slot] = UNGENERATED
+        self.text_history_len[slot] = 0
         self.t[slot] = 0
         self.seed[slot] = seed
         self.temperature[slot] = temperature
         self.top_k[slot] = top_k
+        self.repetition_penalty[slot], self.repetition_context[slot] = repetition
 
     @staticmethod
     def kv_bytes_per_stream(cfg: MoshiVisConfig, dtype: torch.dtype) -> int:

@@ -16,7 +16,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("moshivis.text needs sentencepiece (pip install 'moshivis-kernels[chat]')") from e
 
-END_OF_PADDING = 0
+from .config import END_OF_PADDING
 
 
 class TextError(ValueError):

@@ -7,6 +7,14 @@ square size (bicubic, aspect ratio not kept), scale to [0, 1], normalise with me
 Kyutai resizes a uint8 tensor with torchvision (antialiased bicubic); Pillow's bicubic, used here,
 is the same filter and agrees with it to about one grey level, not bit for bit.
 
+Other resolutions (Kyutai's web client sends `image_resolution`, and `center_crop`): the side is the
+requested one rounded to the nearest multiple of the patch size and clamped to [10 patches, the encoder's
+own size], and with center_crop the central square of the image is cut out before the resize, as
+Kyutai's Rust server does (moshi-backend image_embedder.rs; its PyTorch server resizes to the requested
+side as given, crops nothing and does not clamp). The position embeddings are interpolated to the
+smaller grid (transformers' `interpolate_pos_encoding`: bicubic, as Kyutai's encoder asks for), and the
+image has (side // patch)^2 tokens: 121 at 160 px, 1024 at 448.
+
 Weights: the MoshiVis checkpoint holds the tower under `image_prefix.enc.model.*`; the rest of each
 key is the `SiglipVisionModel` key (transformers 5 has no `vision_model.` level in that model; a
 checkpoint that carries one is accepted too). A separate file may be given instead (a SigLIP or
@@ -73,9 +81,26 @@ def open_image(image: str | Path | Image.Image) -> Image.Image:
         raise VisionError(f"image file {path} is corrupt or truncated: {e}") from e
 
 
-def preprocess(image: str | Path | Image.Image, size: int) -> torch.Tensor:
-    """pixel values [3, size, size]: RGB, bicubic resize to size x size, [0, 1], (x - 0.5) / 0.5."""
-    im = open_image(image).resize((size, size), Image.BICUBIC)
+def kyutai_side(resolution: int, patch: int, largest: int) -> int:
+    """The square side Kyutai's Rust server resizes an image to for `resolution`: the nearest multiple of
+    the patch size (a remainder of exactly half a patch rounds down), clamped to [10 * patch, largest]."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise VisionError(f"image resolution must be a positive integer (pixels), got {resolution!r}")
+    rest = resolution % patch
+    side = resolution - rest + (patch if rest > patch // 2 else 0)
+    return min(max(side, 10 * patch), largest)
+
+
+def preprocess(image: str | Path | Image.Image, size: int, center_crop: bool = False) -> torch.Tensor:
+    """pixel values [3, size, size]: RGB, (the central square, with center_crop,) bicubic resize to
+    size x size, [0, 1], (x - 0.5) / 0.5."""
+    im = open_image(image)
+    if center_crop:
+        width, height = im.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+    im = im.resize((size, size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
     return (x.permute(2, 0, 1).float() / 255 - MEAN) / STD
 
@@ -87,8 +112,17 @@ class ImageEncoder:
         self.model = model.eval()
         cfg = model.config
         self.image_size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        self.patch_size = cfg.patch_size
         self.num_tokens = (self.image_size // cfg.patch_size) ** 2
         self.hidden_size = cfg.hidden_size
+
+    def side(self, resolution: int | None = None) -> int:
+        """The square side an image is resized to for `resolution` (None: the encoder's own size)."""
+        return self.image_size if resolution is None else kyutai_side(resolution, self.patch_size, self.image_size)
+
+    def tokens(self, resolution: int | None = None) -> int:
+        """How many tokens `encode(..., resolution)` gives: (side // patch)^2."""
+        return (self.side(resolution) // self.patch_size) ** 2
 
     @classmethod
     def load(cls, path: str | Path, config: SiglipVisionConfig | None = None, dtype: torch.dtype = torch.float32,
@@ -143,9 +177,12 @@ class ImageEncoder:
         return cls(model.to(device=device, dtype=dtype))
 
     @torch.no_grad()
-    def encode(self, image: str | Path | Image.Image) -> torch.Tensor:
-        """features [num_tokens, hidden] (the model's dtype) for `Engine.open_stream(image=...)`."""
+    def encode(self, image: str | Path | Image.Image, resolution: int | None = None,
+               center_crop: bool = False) -> torch.Tensor:
+        """features [tokens(resolution), hidden] (the model's dtype) for `Engine.open_stream(image=...)`:
+        resized to `side(resolution)` (default: the encoder's own size), after cutting out the central
+        square with center_crop (module docstring)."""
         p = next(self.model.parameters())
-        pixels = preprocess(image, self.image_size)[None].to(device=p.device, dtype=p.dtype)
+        pixels = preprocess(image, self.side(resolution), center_crop)[None].to(device=p.device, dtype=p.dtype)
         # Kyutai asks for interpolated position embeddings; at the model's own size they are unchanged.
         return self.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[0]

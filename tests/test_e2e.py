@@ -379,6 +379,49 @@ def test_bad_input_is_one_clear_error(bundle, capsys, tmp_path, case, pattern):
     assert not (tmp_path / "answer.wav").exists()
 
 
+def test_session_options_reach_the_encoder_and_the_engine(bundle, capsys, tmp_path, monkeypatch):
+    """--xa-start, --center-crop, --image-resolution and the repetition penalty reach ImageEncoder.encode and
+    Engine.open_stream (seen by spies), and the command's answer equals `converse` given the same options by
+    hand."""
+    d, cfg = bundle["dir"], bundle["cfg"]
+    seen = {}
+    encode, open_stream = ImageEncoder.encode, Engine.open_stream
+    monkeypatch.setattr(ImageEncoder, "encode", lambda self, *a, **k: seen.setdefault("encode", a) and encode(self, *a))
+    monkeypatch.setattr(Engine, "open_stream", lambda self, **k: seen.setdefault("open", k) and open_stream(self, **k))
+    question = tone(0.5, SR, torch.Generator().manual_seed(8))  # 7 frames: a short run
+    write_wav(tmp_path / "q.wav", question, SR)
+    question, _ = read_int16_wav(tmp_path / "q.wav")
+    options = ["--xa-start", "3", "--center-crop", "--image-resolution", "28", "--repetition-penalty", "2.5",
+               "--repetition-penalty-context", "6"]
+    rc, out, err = chat(bundle, capsys, "--quiet", *options, **{"--out": str(tmp_path / "a.wav"),
+                                                                 "--audio": str(tmp_path / "q.wav")})
+    assert rc == 0, err
+    assert seen["encode"][1:] == (28, True) and seen["open"]["xa_start"] == 3
+    sampling = SamplingParams(repetition_penalty=2.5, repetition_penalty_context=6)
+    assert seen["open"]["sampling"] == sampling
+    answer, _ = read_int16_wav(tmp_path / "a.wav")
+    features = encode(ImageEncoder.load(d / "model.safetensors", bundle["siglip"].config), d / "photo.png", 28, True)
+    codec, tok = load_mimi(d / "mimi"), TextTokenizer(d / "tokenizer_spm_32k_3.model", cfg.text_card)
+    want = converse(Engine(cfg, bundle["weights"]), codec, tok, features, question, seed=SEED, sampling=sampling,
+                    xa_start=3)
+    assert out == want.transcript + "\n"
+    torch.testing.assert_close(answer, want.pcm, atol=1 / 32767 + 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("option, pattern", [
+    (["--repetition-penalty", "0"], r"sampling repetition_penalty must be > 0"),
+    (["--repetition-penalty-context", "300"], r"sampling repetition_penalty_context must be an integer >= 0"),
+    (["--xa-start", "-1"], r"xa_start must be an integer in \[0, 2\*\*63\)"),
+    (["--image-resolution", "0"], r"image resolution must be a positive integer"),
+])
+def test_bad_session_option_is_one_clear_error(bundle, capsys, tmp_path, option, pattern):
+    rc, out, err = chat(bundle, capsys, "--quiet", *option, **{"--out": str(tmp_path / "a.wav")})
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(f"^error: .*{pattern}", err), err
+    assert not (tmp_path / "a.wav").exists()
+
+
+
+
 def test_converse_without_image_and_vision_errors(bundle, tmp_path):
     """The library path: no image is allowed; a SigLIP config that does not fit the weights is named."""
     d, cfg = bundle["dir"], bundle["cfg"]

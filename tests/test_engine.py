@@ -4,10 +4,13 @@ The oracle is the golden tiny set (Kyutai's outputs) and the engine's own uninte
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from moshivis import Engine, ImageError, SamplingParams, StreamError
+from moshivis import gates as gates_module
 from moshivis.replay import run_stream
 
 GREEDY = SamplingParams.greedy()
@@ -48,7 +51,8 @@ def test_bad_requests_fail_alone_and_leave_other_streams_intact(engine, golden_s
         (StreamError, r"stream id 99 is unknown", lambda: engine.set_image(99, None)),
         (StreamError, rf"stream id {closed} is closed", lambda: engine.close_stream(closed)),
         (StreamError, r"all max_streams=3 slots are in use", lambda: engine.open_stream()),
-        (ImageError, rf"image features for stream {ids[1]} must have shape \[{n}, {c}\]",
+        (ImageError, rf"image features for stream {ids[1]} must have shape \[N, {c}\] .* with 1 <= N <= {n} "
+                     rf"\(max_image_tokens\), got \[{n}, {c - 1}\]",
          lambda: engine.set_image(ids[1], feats[0, :, :-1])),
         (ImageError, r"must be floating point, got dtype torch.int64",
          lambda: engine.set_image(ids[1], feats[0].long())),
@@ -242,7 +246,9 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
     """On a GPU: frames replayed from each bucket's CUDA graph give the bits of eager frames (same kernels),
     capture succeeds (the depformer's cooperative launch included), a captured bucket picks up other
     rows and a new image, and steady-state frames run under torch.cuda.set_sync_debug_mode("error")
-    (the tokens are handed out by waiting on an event)."""
+    (the tokens and the gate statistics are handed out by waiting on one event); gate means and colours
+    agree between eager and replayed frames; a stream looking at its image from frame 6 on and one with a
+    repetition penalty (its text history appended inside the graph) replay like eager frames."""
     from moshivis import preset, random_init
     from moshivis.quantize import quantize_weights
     cfg = preset("tiny")
@@ -257,9 +263,10 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
         engine = Engine(cfg, w, max_streams=4, backend="triton")
         engine.backend.use_cuda_graphs = graphs
         engine.warmup()
-        ids = [engine.open_stream(seed=s, image=feats[0] if s else None) for s in range(3)]
+        ids = [engine.open_stream(seed=0), engine.open_stream(seed=1, image=feats[0], xa_start=6),
+               engine.open_stream(seed=2, image=feats[0], sampling=SamplingParams(repetition_penalty=1.15))]
         out = torch.empty(3, 1 + cfg.dep_q, dtype=torch.long)
-        tokens, logits = [], []
+        tokens, logits, gates = [], [], []
         for t in range(14):
             if t == 8:  # the same bucket, other rows and a new image (projected, with a sync, before the frame)
                 ids = [ids[2], ids[0], ids[1]]
@@ -270,9 +277,10 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
             sync_free = t >= 4  # steady state: handing out tokens only (logits are copied synchronously)
             torch.cuda.set_sync_debug_mode("error" if sync_free else 0)
             try:
-                if sync_free:
+                if sync_free:  # the gate statistics come back with the tokens: reading them syncs nothing more
                     engine.step(user[t], ids, out=out)
                     tokens.append(out.clone())
+                    gates.append((engine.gate_means(ids), engine.text_colors(ids)))
                 else:
                     tok, tl, _ = engine.step(user[t], ids, return_logits=True)
                     tokens.append(tok)
@@ -281,8 +289,11 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
                 torch.cuda.set_sync_debug_mode(0)
         assert engine.backend.graph_error is None, engine.backend.graph_error
         assert all(b.graph is not None for b in engine.backend._buckets.values()) == graphs
-        runs.append((torch.stack(tokens), logits, engine.last_frame_launches))
+        runs.append((torch.stack(tokens), logits, engine.last_frame_launches, gates))
     assert torch.equal(runs[0][0], runs[1][0]) and (runs[0][0] >= 0).any()
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(runs[0][3], runs[1][3]))
+    frame4, frame6 = runs[1][3][0][0], runs[1][3][2][0]  # stream 0 has no image, stream 1 looks from frame 6 on
+    assert (frame4[:2] == 0).all() and (frame4[2] > 0).all() and (frame6[0] == 0).all() and (frame6[1:] > 0).all()
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     assert runs[0][2] == runs[1][2] and sum(runs[1][2].values()) > 0  # a replay counts the graph's kernels
 
@@ -348,3 +359,129 @@ def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
         torch.testing.assert_close(audio_b, audio_a, atol=1e-4, rtol=0)
         torch.testing.assert_close(gate_b, gate_a, atol=1e-5, rtol=0)
     assert any((frame[0] >= 0).any() for frame in runs[0])
+
+
+# ---- Kyutai's session options: xa_start, repetition penalty, image resolution, coloured text -------
+def _follow_reference(engine, cfg, weights, specs, user, frames):
+    """Step `specs` (open_stream kwargs) as one batch of the engine and, one by one, through
+    `reference.StreamingReference`; returns per stream (engine, reference) lists of (tokens, text logits,
+    gate means)."""
+    from moshivis.reference import StreamingReference
+    ids = [engine.open_stream(**spec) for spec in specs]
+    refs = []
+    for spec in specs:
+        sp = spec["sampling"]
+        refs.append(StreamingReference(weights, cfg, spec.get("image"), spec.get("xa_start", 0), spec["seed"],
+                                       (sp.temperature_text, sp.temperature_audio), (sp.top_k_text, sp.top_k_audio),
+                                       sp.repetition_penalty, sp.repetition_penalty_context))
+    got, want = [[] for _ in specs], [[] for _ in specs]
+    for t in range(frames):
+        tokens, text, _ = engine.step(user[:, :, t], ids, return_logits=True)
+        gate_means = engine.gate_means(ids)
+        for b, ref in enumerate(refs):
+            got[b].append((tokens[b], text[b], gate_means[b]))
+            r_tokens, r_text, _, r_gates = ref.step(user[b, :, t])
+            want[b].append((r_tokens, r_text, r_gates))
+    return got, want
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_streams_follow_the_hand_stepped_reference(tiny_cfg, tiny_weights, golden_streams, backend):
+    """Three streams in one batch against `reference.StreamingReference` (Kyutai's generator written out:
+    its own token cache, K/V and text history; nothing shared with the engine's state, frame buffers or
+    kernels): an image of 7 of the pool's 12 tokens, attended to from frame `xa_start` on and sampled with a
+    repetition penalty; a 12-token image from frame 0, greedy; no image, sampled with the penalty. Tokens
+    equal frame by frame; text logits (after the penalty) within 1e-5 (measured: 1e-6); per-layer gate means
+    within 1e-6 and exactly 0 before xa_start and without an image. The Triton interpreter runs 3 frames
+    (the first without the image)."""
+    s = golden_streams["stream_image_b2"]
+    feats, user = s["image_features"], s["user_audio_tokens"]
+    frames, xa_start = (6, 3) if backend == "torch" else (3, 1)
+    penalised = SamplingParams(0.5, 3, 0.8, 10, repetition_penalty=3.0, repetition_penalty_context=8)
+    specs = [dict(seed=3, image=feats[0][:7], xa_start=xa_start, sampling=penalised),
+             dict(seed=4, image=feats[1], sampling=GREEDY),
+             dict(seed=6, image=None, sampling=penalised)]
+    engine = Engine(tiny_cfg, dict(tiny_weights), max_streams=4, backend=backend)
+    got, want = _follow_reference(engine, tiny_cfg, tiny_weights, specs, user[[0, 1, 0]], frames)
+    for b in range(len(specs)):
+        for t, ((tok, text, gates), (r_tok, r_text, r_gates)) in enumerate(zip(got[b], want[b])):
+            assert torch.equal(tok, r_tok), (b, t)
+            torch.testing.assert_close(text, r_text, atol=1e-5, rtol=0)
+            torch.testing.assert_close(gates, r_gates, atol=1e-6, rtol=0)
+    assert all((g == 0).all() for _, _, g in got[0][:xa_start] + got[2])
+    assert all(((g > 0) & (g < 1)).all() for _, _, g in got[0][xa_start:] + got[1])
+    assert engine.text_colors(engine.streams) == gates_module.text_colors(engine.gate_means(engine.streams))
+    if backend == "torch":  # the options change what the reference does: the checks above can fail
+        plain = [dict(spec, xa_start=0, sampling=dataclasses.replace(spec["sampling"], repetition_penalty=1.0))
+                 for spec in specs]
+        other = Engine(tiny_cfg, dict(tiny_weights), max_streams=4)
+        _, without = _follow_reference(other, tiny_cfg, tiny_weights, plain, user[[0, 1, 0]], frames)
+        assert (without[0][0][1] - want[0][0][1]).abs().max() > 1e-3  # frame 0 would have seen the image
+        assert any(not torch.equal(a[0], b[0]) for a, b in zip(without[2], want[2]))  # the penalty matters
+
+
+def test_text_colors_hand_computed():
+    """Kyutai's colour byte: g = mean gate of the last min(10, layers) layers, round(clamp((g - 0.005) /
+    0.016, 0, 1) * 10). Each row's value worked out by hand."""
+    twelve = torch.zeros(7, 12)
+    twelve[:, :2] = 0.5  # layers 0 and 1 are not among the last ten: they change nothing
+    twelve[0, 2:] = 0.005                       # floor: 0
+    twelve[1, 2:] = 0.013                       # (0.008 / 0.016) * 10 = 5
+    twelve[2, 2:] = 0.021                       # the span's top: 10
+    twelve[3, 2:] = 0.2                         # clamped: 10
+    twelve[4, 2:7] = 0.0142                     # g = 0.0071 -> 1.3125 -> 1
+    twelve[5, 2:] = torch.linspace(0.004, 0.012, 10)  # g = 0.008 -> 1.875 -> 2
+    twelve[6, 11] = 0.1                         # g = 0.01 -> 3.125 -> 3
+    assert gates_module.text_colors(twelve) == [0, 5, 10, 10, 1, 2, 3]
+    two = torch.tensor([[0.01, 0.03], [0.0, 0.0], [0.009, 0.008]])  # fewer than ten layers: all of them
+    assert gates_module.text_colors(two) == [9, 0, 2]  # g = 0.02 -> 9.375; 0; 0.0085 -> 2.1875
+    with pytest.raises(ValueError, match="gate_means must be"):
+        gates_module.text_colors(torch.zeros(3))
+
+
+def test_session_options_are_validated(engine, tiny_cfg, gen):
+    """Every SamplingParams field refuses out-of-range values with an error naming it; xa_start and image
+    token counts are checked at open, before anything changes."""
+    cases = [(dict(top_k_text=2 ** 63), "top_k_text"), (dict(top_k_audio=-1), "top_k_audio"),
+             (dict(top_k_text=True), "top_k_text"), (dict(temperature_text=float("inf")), "temperature_text"),
+             (dict(temperature_audio=1e39), "temperature_audio"), (dict(temperature_text=True), "temperature_text"),
+             (dict(repetition_penalty=0.0), "repetition_penalty"),
+             (dict(repetition_penalty=-1.1), "repetition_penalty"),
+             (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+             (dict(repetition_penalty=1e-50), "repetition_penalty"),  # 0 in fp32
+             (dict(repetition_penalty="1.1"), "repetition_penalty"),
+             (dict(repetition_penalty_context=257), "repetition_penalty_context"),
+             (dict(repetition_penalty_context=-1), "repetition_penalty_context"),
+             (dict(repetition_penalty_context=4.0), "repetition_penalty_context")]
+    for kwargs, name in cases:
+        with pytest.raises(ValueError, match=f"sampling {name} must be"):
+            SamplingParams(**kwargs)
+    assert SamplingParams(top_k_text=2 ** 63 - 1, repetition_penalty_context=256, repetition_penalty=0.5)
+    n, c = tiny_cfg.num_image_tokens, tiny_cfg.image_encoder_dim
+    for bad, match in ((-1, r"xa_start must be an integer in \[0, 2\*\*63\)"), (1.5, "xa_start"), (True, "xa_start")):
+        with pytest.raises(StreamError, match=match):
+            engine.open_stream(xa_start=bad)
+    for shape in ((n + 1, c), (0, c), (n, c, 1)):
+        got = ", ".join(map(str, shape))
+        with pytest.raises(ImageError, match=rf"with 1 <= N <= {n} \(max_image_tokens\), got \[{got}\]"):
+            engine.open_stream(image=torch.randn(shape, generator=gen))
+    assert engine.streams == [] and engine.pool.used == 0
+    with pytest.raises(ValueError, match="max_image_tokens must be a positive integer, got 0"):
+        Engine(tiny_cfg, engine.weights, max_image_tokens=0)
+
+
+def test_pool_holds_images_of_several_token_counts(tiny_cfg, tiny_weights, gen):
+    """max_image_tokens above the config's: images of 3, 20, 12 and 3 tokens (the two of 3 projected in one
+    batch) in their slots' first rows, with their counts."""
+    from moshivis.reference import image_kv
+    engine = Engine(tiny_cfg, tiny_weights, max_streams=4, max_image_tokens=20)
+    counts = [3, 20, 12, 3]
+    feats = [torch.randn(n, tiny_cfg.image_encoder_dim, generator=gen) for n in counts]
+    ids = [engine.open_stream(image=f) for f in feats]
+    engine.pool.flush()
+    for sid, f in zip(ids, feats):
+        slot = engine._streams[sid].image_slot
+        assert int(engine.pool.num_tokens[slot]) == f.shape[0]
+        # fp32; batched with another image of its count or alone: measured 1e-6 apart
+        torch.testing.assert_close(engine.pool.kv[slot, : f.shape[0]], image_kv(tiny_weights, tiny_cfg, f),
+                                   atol=1e-5, rtol=0)

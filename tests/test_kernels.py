@@ -1106,6 +1106,82 @@ def test_reference_equals_definition(gen):
     torch.testing.assert_close(xa.gated_cross_attention_reference(**p)[0], expected, **TOL)
 
 
+# ---- images with fewer tokens than the pool holds (another resolution) ---------------------------
+def _slot_attention_by_truncation(q, image_kv, slots, counts):
+    """Independent of any mask: each row attends to its slot's first counts[slot] K/V rows, cut off, fp64."""
+    D = q.shape[-1]
+    rows = []
+    for b, s in enumerate(slots.tolist()):
+        if s < 0:
+            rows.append(torch.zeros(q.shape[1:], dtype=torch.float64))
+            continue
+        k, v = image_kv[s, : counts[s], 0].double(), image_kv[s, : counts[s], 1].double()
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double(), k) / math.sqrt(D), -1)
+        rows.append(torch.einsum("hn,nhd->hd", p, v))
+    return torch.stack(rows).float()
+
+
+def _with_loud_tails(image_kv, counts):
+    """Tokens past each slot's count made large (a kernel reading them would be far off)."""
+    kv = image_kv.clone()
+    for s, n in enumerate(counts):
+        kv[s, n:, 0] *= 30
+        kv[s, n:, 1] = 1e4
+    return kv
+
+
+# Token counts that are not multiples of the key block (16..64), a single token, the full pool, a split
+# (H100: 4+ splits) holding none of an image's keys, and several counts in one batch.
+_COUNTS = [(37, [5, 37, 1]), (100, [17, 64, 65, 99]), (1024, [121, 1024, 1, 256, 900])]
+
+
+@pytest.mark.parametrize("N, counts", _COUNTS)
+def test_image_attention_reads_only_each_slots_tokens(gen, N, counts, sms):
+    """Measured max error against the truncated fp64 attention: 2.4e-7 (fp32); tolerance 1e-6."""
+    S, B, H, D = len(counts), 11, 2, 32
+    slots = torch.randint(-1, S, (B,), generator=gen, dtype=torch.int32)
+    slots[: S + 1] = torch.tensor(list(range(S)) + [-1], dtype=torch.int32)  # every count, and no image
+    slots[-2:] = 0  # slot 0 shared by several rows
+    num_tokens = torch.tensor(counts, dtype=torch.int32)
+    image_kv = _with_loud_tails(torch.randn(S, N, 2, H, D, generator=gen), counts)
+    q = torch.randn(B, H, D, generator=gen)
+    attn = xa.image_attention(q, image_kv, slots, num_tokens=num_tokens, out=_nan(B, H, D))
+    expected = _slot_attention_by_truncation(q, image_kv, slots, counts)
+    torch.testing.assert_close(attn, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(xa.image_attention_reference(q, image_kv, slots, num_tokens), expected,
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8"])
+def test_block_with_token_counts_matches_reference(gen, sms, weights):
+    """The whole block over a pool of images with 7, 50 and 23 of 50 tokens (int64 counts), mixed in one
+    batch with rows without an image; the reference masks, and equals the block on truncated pools.
+    Measured max error 2.4e-7 (dense) and 6e-8 (int8) in fp32; the block tolerance TOL (1e-4) applies."""
+    counts = [7, 50, 23]
+    B = 9
+    p = _weights(_problem_xattn(gen, B, N=50, S=3), weights)
+    p["image_kv"] = _with_loud_tails(p["image_kv"], counts)
+    p["num_tokens"] = torch.tensor(counts)
+    gate_mean = _nan(B)
+    out = xa.gated_cross_attention(**p, out=_nan(B, p["x"].shape[1]), gate_mean=gate_mean)
+    _check_block(p, out, gate_mean)
+    for s, n in enumerate(counts):  # rows on slot s: as if the pool held just its n tokens
+        rows = p["slots"] == s
+        if rows.any():
+            alone = {**p, "x": p["x"][rows], "slots": torch.zeros(int(rows.sum()), dtype=torch.int32),
+                     "image_kv": p["image_kv"][s: s + 1, :n], "num_tokens": None}
+            torch.testing.assert_close(out[rows], xa.gated_cross_attention_reference(**alone)[0], **TOL)
+
+
+def test_token_counts_bad_input_names_the_argument(gen):
+    p = _problem_xattn(gen, 3, N=37, S=3)
+    for bad in (torch.ones(2, dtype=torch.int32), torch.ones(3), torch.ones(3, 1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="num_tokens"):
+            xa.gated_cross_attention(**p, num_tokens=bad)
+        with pytest.raises(ValueError, match="num_tokens"):
+            xa.image_attention(torch.randn(3, 2, 16), p["image_kv"], p["slots"], num_tokens=bad)
+
+
 # ---- launch configuration and audit ---------------------------------------------------------------
 @pytest.mark.parametrize("B", [1, 2, 8, 9, 64, 256])
 @pytest.mark.parametrize("N", [12, 37, 1024])
@@ -1411,6 +1487,148 @@ def test_forced_rows_take_their_token_and_the_others_are_drawn(gen):
     assert torch.equal(S.sample_tokens_reference(logits, temperature, top_k, seed, frame, 2, forced=forced), got)
     greedy = S.greedy_tokens(logits, forced=forced, out=_out(B))
     assert torch.equal(greedy, torch.where(forced >= 0, forced, logits.argmax(-1)))
+
+
+# ---- repetition penalty ------------------------------------------------------------------------------
+IGNORED = (0, 3)
+
+
+def _history(gen, slots, H, V, lengths):
+    """A history ring per slot after `lengths[s]` appends of tokens from a small range (so they repeat),
+    some of them the ignored ones; built by appending one token at a time (the reference's append)."""
+    history = torch.full((slots, H), -9, dtype=torch.int64)  # never appended: a read of it would show
+    length = torch.zeros(slots, dtype=torch.int64)
+    for s, n in enumerate(lengths):
+        appended = 0
+        while appended < n:
+            token = int(torch.randint(0, min(V, 12), (1,), generator=gen))
+            rep = _rep(torch.tensor([s]), history, length)
+            S.append_history_reference(rep, torch.tensor([token]))
+            appended += token not in IGNORED
+    return history, length
+
+
+def _rep(rows, history, length, penalty=None, context=None):
+    B = rows.shape[0]
+    return S.RepetitionPenalty(torch.ones(B) if penalty is None else penalty,
+                               torch.zeros(B, dtype=torch.int64) if context is None else context,
+                               rows, history, length, IGNORED)
+
+
+def test_repetition_penalty_reference_is_kyutais_rule_by_hand():
+    """Hand-computed: tokens 1, 3, 3, 0, 4 drawn (0 and 3 are padding: not recorded), penalty 2 over the
+    last 2 recorded tokens (4, 1): l[4] = -2 * 2, l[1] = -1 * 2; context 3 adds nothing (only 2 recorded)."""
+    history, length = torch.zeros(1, 8, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    for token in (1, 3, 3, 0, 4):
+        S.append_history_reference(_rep(torch.tensor([0]), history, length), torch.tensor([token]))
+    assert length.tolist() == [2] and history[0, :2].tolist() == [1, 4]
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+    for context, want in ((1, [2.0, -1.0, 0.5, 3.0, -4.0, 1.0]), (2, [2.0, -2.0, 0.5, 3.0, -4.0, 1.0]),
+                          (3, [2.0, -2.0, 0.5, 3.0, -4.0, 1.0]), (0, [2.0, -1.0, 0.5, 3.0, -2.0, 1.0])):
+        rep = _rep(torch.tensor([0]), history, length, torch.tensor([2.0]), torch.tensor([context]))
+        assert S.repetition_penalty_reference(logits, rep)[0].tolist() == want
+    positive = torch.tensor([[2.0, 4.0, 0.5, 3.0, 8.0, 1.0]])  # l >= 0 is divided
+    rep = _rep(torch.tensor([0]), history, length, torch.tensor([2.0]), torch.tensor([2]))
+    assert S.repetition_penalty_reference(positive, rep)[0].tolist() == [2.0, 2.0, 0.5, 3.0, 4.0, 1.0]
+
+
+def test_repetition_penalty_ring_equals_kyutais_loop_over_all_tokens(gen):
+    """The ring reference (the kernel's) against Kyutai's rule written over the whole token list
+    (`moshivis.reference.repetition_penalty`: newest first, padding skipped, `context` counted, each
+    distinct token once), for contexts shorter and longer than the tokens recorded, and past a wrapped ring."""
+    H, V = 16, 30
+    tokens = torch.randint(0, 12, (70,), generator=gen).tolist()
+    history, length = torch.zeros(1, H, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    logits = torch.randn(1, V, generator=gen) * 3
+    for t, token in enumerate(tokens):
+        S.append_history_reference(_rep(torch.tensor([0]), history, length), torch.tensor([token]))
+        for context in (1, 5, H):
+            rep = _rep(torch.tensor([0]), history, length, torch.tensor([1.3]), torch.tensor([context]))
+            want = reference.repetition_penalty(logits[0], tokens[: t + 1], 1.3, context, IGNORED)
+            assert torch.equal(S.repetition_penalty_reference(logits, rep)[0], want), (t, context)
+    assert int(length) > H  # the ring wrapped
+
+
+@pytest.mark.parametrize("V", [37, 2048 + 5, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu(
+    reason="bf16 rounding needs a GPU (the interpreter's fp32 -> bf16 cast truncates)"))])
+def test_repetition_penalty_kernel_equals_reference(gen, V, dtype):
+    """Rows with penalty 1, > 1 and < 1, contexts 0, shorter and longer than what each history holds (and
+    than the ring), empty and wrapped histories, a padding row (-1), greedy and sampled rows, forced rows:
+    the kernel's tokens, its penalised logits (written in place, rounded to their dtype) and the histories
+    after the append equal the reference's exactly."""
+    B, Sl, H = 9, 11, 16
+    history, length = _history(gen, Sl, H, V, [0, 3, 16, 40, 5, 100, 17, 1, 2, 9, 30])
+    rows = torch.tensor([1, -1, 3, 5, 6, 0, 2, 8, 10])
+    penalty = torch.tensor([1.5, 2.0, 1.15, 0.7, 1.0, 3.0, 1.3, 1.8, 1.15])
+    context = torch.tensor([64, 3, 5, 16, 8, 4, 1, 200, 0])
+    temperature, top_k, seed, frame = _row_params(B, V, gen)
+    forced = torch.full((B,), -1, dtype=torch.int64)
+    forced[[2, 7]] = torch.tensor([3, 5]) % V  # an ignored token (3) is not recorded
+    logits = (torch.randn(B, V, generator=gen) * 3).to(dtype)
+    for b, s in enumerate(rows.tolist()):  # the recorded tokens near the top: the penalty decides draws
+        if s >= 0 and length[s] > 0:
+            logits[b, history[s, : min(int(length[s]), H)].clamp(0, V - 1)] += 4
+    device = "cuda" if dtype == torch.bfloat16 else "cpu"
+    rows, history, length, penalty, context, temperature, top_k, seed, frame, forced, logits = (
+        t.to(device) for t in (rows, history, length, penalty, context, temperature, top_k, seed, frame, forced,
+                               logits))
+    want_rep = _rep(rows, history.clone(), length.clone(), penalty, context)
+    want_logits = S.repetition_penalty_reference(logits, want_rep)
+    want = S.sample_tokens_reference(want_logits, temperature, top_k, seed, frame, 0, forced=forced)
+    S.append_history_reference(want_rep, want)
+    got_rep = _rep(rows, history.clone(), length.clone(), penalty, context)
+    got_logits = logits.clone()
+    got = S.sample_tokens(got_logits, temperature, top_k, seed, frame, 0, forced=forced, out=_out(B).to(device),
+                          repetition=got_rep)
+    assert torch.equal(got, want)
+    assert torch.equal(got_logits.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want_logits.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(got_rep.history, want_rep.history) and torch.equal(got_rep.length, want_rep.length)
+    changed = (want_logits != logits).any(-1)
+    # unchanged: no slot (row 1), penalty 1 (row 4), an empty history (row 5), context 0 (row 8)
+    assert changed[[0, 2, 3, 6, 7]].all() and not changed[[1, 4, 5, 8]].any()
+    grew = torch.zeros(Sl, dtype=torch.int64)
+    for s, token in zip(rows.tolist(), want.tolist()):
+        grew[s] += s >= 0 and token not in IGNORED
+    assert torch.equal((want_rep.length - length).cpu(), grew) and want[2] == 3 and grew[3] == 0
+
+
+def test_repetition_penalty_changes_draws_and_keeps_streams_apart(gen):
+    """Greedy rows whose best token stays 7: without the penalty it repeats, with penalty 3 over context 4
+    the kernel moves down the list (each of the last 4 recorded tokens is disfavoured), hand-computed;
+    two streams in one launch keep their own histories."""
+    V, steps = 37, 12
+    history, length = torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    logits_row = torch.zeros(V)
+    logits_row[[7, 8, 9, 10, 11]] = torch.tensor([5.0, 4.5, 4.0, 3.5, 3.0])
+    drawn = []
+    for t in range(steps):
+        logits = logits_row.expand(2, V).clone()
+        rep = _rep(torch.tensor([1, 0]), history, length, torch.tensor([1.0, 3.0]), torch.tensor([4, 4]))
+        drawn.append(S.sample_tokens(logits, torch.zeros(2), torch.zeros(2, dtype=torch.int64),  # greedy
+                                     torch.zeros(2, dtype=torch.int64), torch.full((2,), t), 0, out=_out(2),
+                                     repetition=rep))
+    drawn = torch.stack(drawn)
+    assert (drawn[:, 0] == 7).all()                                   # penalty 1: greedy repeats
+    assert drawn[:, 1].tolist()[:5] == [7, 8, 9, 10, 11]              # penalty 3: each recent one pushed down
+    assert length.tolist() == [steps, steps] and set(history[0].tolist()) <= set(range(7, 12))
+
+
+def test_repetition_penalty_bad_input_names_the_field():
+    kwargs = _good()
+    ok = _rep(torch.zeros(3, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    for field, bad, match in (("penalty", torch.ones(3, dtype=torch.float64), "repetition.penalty"),
+                              ("context", torch.zeros(2, dtype=torch.int64), "repetition.context"),
+                              ("rows", torch.zeros(3), "repetition.rows"),
+                              ("history", torch.zeros(4, 8, dtype=torch.int32), "repetition.history"),
+                              ("history", torch.zeros(8, 4, dtype=torch.int64).t(), "repetition.history"),
+                              ("length", torch.zeros(5, dtype=torch.int64), "repetition.length"),
+                              ("ignored", (0,), "repetition.ignored")):
+        with pytest.raises(ValueError, match=match):
+            S.sample_tokens(**kwargs, repetition=dataclasses.replace(ok, **{field: bad}))
+    with pytest.raises(TypeError, match="repetition must be a RepetitionPenalty"):
+        S.sample_tokens(**kwargs, repetition=(1.0, 4))
 
 
 # ---- reproducibility per stream ----------------------------------------------------------------------

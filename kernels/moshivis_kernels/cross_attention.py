@@ -1,10 +1,11 @@
 """Gated cross-attention to a pool of image K/V (SPEC.md §4.2, §5), one query token per stream.
 
-For B streams, each with a slot into the static pool `image_kv [S, N, 2, H, D]` (-1 = no image):
+For B streams, each with a slot into the static pool `image_kv [S, N, 2, H, D]` (-1 = no image) whose
+image has n[slot] <= N tokens (`num_tokens [S]`; all N when not given):
 
     y    = x * alpha * rsqrt(mean(x^2) + eps)              (fp32, rounded to x's dtype)
     q    = y @ Wq^T                                        [B, H, D]
-    attn = softmax(q . K[slot]^T / sqrt(D)) V[slot]        (all N keys, fp32 online softmax)
+    attn = softmax(q . K[slot]^T / sqrt(D)) V[slot]        (keys 0 .. n[slot]-1, fp32 online softmax)
     a    = attn @ Wo^T
     g    = sigmoid(relu(a @ W0^T) @ W2^T - 4)
     out  = x + a * g    (rows with slot -1: out = x exactly)
@@ -26,8 +27,8 @@ the attention output, `- 4`, the sigmoid, `a * g`), so bf16 results track the bf
 
 No host synchronisation anywhere: rows without an image are skipped inside the kernels (a tile of
 rows that all lack an image reads no weights), and streams sharing a slot are grouped inside the
-attention kernel. Slot values must lie in [-1, S): they cannot be checked without a sync, and an
-out-of-range slot reads out of bounds.
+attention kernel. Slot values must lie in [-1, S) and token counts in [1, N]: they cannot be checked
+without a sync (an out-of-range slot reads out of bounds; counts are clamped to N).
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def _rows_linear_kernel(x_ptr, alpha_ptr, w_ptr, scale_ptr, out_ptr, slots_ptr, 
 def _merge_splits(stats_ptr, acc_ptr, rows, rows_ok, head, n_splits, stride_sb, stride_sh, stride_ss,
                   stride_ab, stride_ah, stride_as, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     """[rows, HEAD_DIM]: sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (M = max_s m_s) over the splits'
-    partials of each row, added in split order. Every split saw a key, so M is finite."""
+    partials of each row, added in split order. Split 0 saw a key (an image has >= 1 token), so M is
+    finite; a split that saw none (m = -inf, l = 0, acc = 0) adds zeros."""
     s = tl.arange(0, BLOCK_S)
     stats = stats_ptr + rows[:, None] * stride_sb + head * stride_sh + s[None, :] * stride_ss
     ok = rows_ok[:, None] & (s < n_splits)[None, :]
@@ -168,21 +170,24 @@ def _merge_splits(stats_ptr, acc_ptr, rows, rows_ok, head, n_splits, stride_sb, 
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr, count_ptr, out_ptr,
+def _attention_kernel(q_ptr, kv_ptr, slots_ptr, ntok_ptr, stats_ptr, acc_ptr, count_ptr, out_ptr,
                       B, N, keys_per_split, qk_scale,
                       stride_qb, stride_qh, stride_ks, stride_kn, stride_k2, stride_kh,
                       stride_sb, stride_sh, stride_ss, stride_ab, stride_ah, stride_as,
                       stride_cb, stride_ob, stride_oh,
-                      BLOCK_R: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_COUNTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_ALL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     """Attention of one head over one split of the keys for a group of rows; the last split merges.
 
-    q [B, H, D]; kv [S, N, 2, H, D]; slots [B]; out [B, H, D] (q's dtype). Grid (B, H, splits). A row
-    without an image gets zeros (from its split-0 program). Program (b, h, s) otherwise works only if
-    row b is the first of a chunk of BLOCK_R rows with the same slot (in row order): it then reads keys
-    [s * keys_per_split, (s + 1) * keys_per_split) of head h of that slot once for the whole chunk, so
-    streams sharing an image share its K/V reads. For each row r of the chunk it writes, in the log2
-    domain (qk_scale = log2(e) / sqrt(D)):
+    q [B, H, D]; kv [S, N, 2, H, D]; slots [B]; ntok [S] (HAS_COUNTS: the slot's image has its first
+    ntok[slot] of the N tokens, the rest is masked; otherwise all N); out [B, H, D] (q's dtype). Grid
+    (B, H, splits). A row without an image gets zeros (from its split-0 program). Program (b, h, s)
+    otherwise works only if row b is the first of a chunk of BLOCK_R rows with the same slot (in row
+    order): it then reads the image's keys among [s * keys_per_split, (s + 1) * keys_per_split) of head
+    h of that slot once for the whole chunk, so streams sharing an image share its K/V reads (a split
+    past the image's last token reads nothing and contributes nothing). For each row r of the chunk it
+    writes, in the log2 domain (qk_scale = log2(e) / sqrt(D)):
         stats[r, h, s] = (m, l) = (max_j z_j, sum_j 2^(z_j - m)),  acc[r, h, s] = sum_j 2^(z_j - m) V_j
     with z_j = q_r . K_j * qk_scale. As in flash-attention, the probabilities are rounded to V's dtype
     for the P @ V product (fp32 accumulation). The last of the chunk's splits to arrive at
@@ -211,15 +216,18 @@ def _attention_kernel(q_ptr, kv_ptr, slots_ptr, stats_ptr, acc_ptr, count_ptr, o
     q = tl.load(q_ptr + rows[:, None] * stride_qb + head * stride_qh + d[None, :],
                 mask=rows_ok[:, None], other=0.0)
     k_base = kv_ptr + slot.to(tl.int64) * stride_ks + head * stride_kh
+    n_keys = N
+    if HAS_COUNTS:
+        n_keys = tl.minimum(tl.load(ntok_ptr + slot), N).to(tl.int32)
     start = split * keys_per_split
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
-    # Every split's first block holds a key, so m_i is finite after it; later blocks of the last split
-    # may be all past N (then p = 0).
-    for j in range(0, keys_per_split, BLOCK_N):
+    # Only blocks holding keys of the image are visited, so m_i is finite after the first one; the last
+    # block may be partly past n_keys (those p = 0). A split with no key keeps m = -inf, l = 0, acc = 0.
+    for j in range(0, tl.minimum(keys_per_split, n_keys - start), BLOCK_N):
         n = start + j + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n_ok = n < n_keys
         offs = n[:, None] * stride_kn + d[None, :]
         k = tl.load(k_base + offs, mask=n_ok[:, None], other=0.0)
         v = tl.load(k_base + stride_k2 + offs, mask=n_ok[:, None], other=0.0)
@@ -417,6 +425,14 @@ def _check_slots(slots, B: int, device) -> None:
         raise ValueError(f"slots must be a contiguous [{B}] tensor (one per row), got shape {list(slots.shape)}")
 
 
+def _check_num_tokens(num_tokens, S: int, device) -> None:
+    if num_tokens is not None:
+        check_tensor(num_tokens, "num_tokens", 1, _SLOT_DTYPES, device)
+        if tuple(num_tokens.shape) != (S,) or num_tokens.stride(0) != 1:
+            raise ValueError(f"num_tokens must be a contiguous [{S}] tensor (one per image_kv slot), got shape "
+                             f"{list(num_tokens.shape)}")
+
+
 def _check_image_kv(image_kv, H: int, D: int, dtype: torch.dtype, device) -> None:
     check_tensor(image_kv, "image_kv", 5, (dtype,), device)
     if tuple(image_kv.shape[2:]) != (2, H, D) or image_kv.shape[1] < 1 or image_kv.stride(-1) != 1:
@@ -506,10 +522,11 @@ def norm_q_projection_reference(x, norm_alpha, wq, *, eps: float = 1e-8, slots=N
 
 # ---- piece 2: attention over each row's image slot ------------------------------------------------
 def image_attention(q: torch.Tensor, image_kv: torch.Tensor, slots: torch.Tensor, *,
-                    out: torch.Tensor | None = None, workspace: CrossAttentionWorkspace | None = None
-                    ) -> torch.Tensor:
-    """softmax(q . K^T / sqrt(D)) V over all N tokens of each row's slot: q [B, H, D], image_kv
-    [S, N, 2, H, D] (K at index 0 of dim 2, V at 1), slots [B] (-1 = no image) -> [B, H, D] in q's
+                    num_tokens: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    workspace: CrossAttentionWorkspace | None = None) -> torch.Tensor:
+    """softmax(q . K^T / sqrt(D)) V over the tokens of each row's slot: q [B, H, D], image_kv
+    [S, N, 2, H, D] (K at index 0 of dim 2, V at 1), slots [B] (-1 = no image), num_tokens [S] int32/int64
+    (slot s holds its image's first num_tokens[s] in [1, N] tokens; default all N) -> [B, H, D] in q's
     dtype, zeros for rows without an image. One launch."""
     check_tensor(q, "q", 3, _FLOAT_DTYPES)
     B, H, D = q.shape
@@ -517,11 +534,13 @@ def image_attention(q: torch.Tensor, image_kv: torch.Tensor, slots: torch.Tensor
         raise ValueError(f"q must be contiguous in its last dimension, got strides {q.stride()}")
     _check_image_kv(image_kv, H, D, q.dtype, q.device)
     _check_slots(slots, B, q.device)
+    _check_num_tokens(num_tokens, image_kv.shape[0], q.device)
     if out is None:
         out = torch.empty_like(q)
     else:
         _check_rows(out, "out", (B, H, D), q.dtype, q.device)
-    _attention(q, image_kv, slots, out, *_attention_scratch(workspace, B, H, D, image_kv.shape[1], q.device))
+    _attention(q, image_kv, slots, num_tokens, out,
+               *_attention_scratch(workspace, B, H, D, image_kv.shape[1], q.device))
     return out
 
 
@@ -535,23 +554,29 @@ def _attention_scratch(workspace, B: int, H: int, D: int, N: int, device
             _scratch(workspace, "acc", (B, H, splits, D), torch.float32, device), counters)
 
 
-def _attention(q, image_kv, slots, out, stats, acc, counters) -> None:
+def _attention(q, image_kv, slots, num_tokens, out, stats, acc, counters) -> None:
     B, H, D = q.shape
     cfg = _attention_config(B, H, image_kv.shape[1], _num_sms(q.device))
     splits = cfg.pop("splits")
     keys_per_split = cfg.pop("keys_per_split")
     _attention_kernel[(B, H, splits)](
-        q, image_kv, slots, stats, acc, counters, out, B, image_kv.shape[1], keys_per_split, _LOG2E / math.sqrt(D),
+        q, image_kv, slots, slots if num_tokens is None else num_tokens, stats, acc, counters, out, B,
+        image_kv.shape[1], keys_per_split, _LOG2E / math.sqrt(D),
         q.stride(0), q.stride(1), image_kv.stride(0), image_kv.stride(1), image_kv.stride(2),
         image_kv.stride(3), stats.stride(0), stats.stride(1), stats.stride(2),
         acc.stride(0), acc.stride(1), acc.stride(2), counters.stride(0), out.stride(0), out.stride(1),
-        BLOCK_S=next_pow2(splits), HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+        HAS_COUNTS=num_tokens is not None, BLOCK_S=next_pow2(splits), HEAD_DIM=D,
+        DOT_PRECISION=_dot_precision(q.dtype), **cfg)
     record_launch("xattn_attention")
 
 
-def image_attention_reference(q, image_kv, slots) -> torch.Tensor:
-    kv = image_kv[slots.clamp(min=0).long()].float()  # [B, N, 2, H, D]
+def image_attention_reference(q, image_kv, slots, num_tokens=None) -> torch.Tensor:
+    slot = slots.clamp(min=0).long()
+    kv = image_kv[slot].float()  # [B, N, 2, H, D]
     scores = torch.einsum("bhd,bnhd->bhn", q.float(), kv[:, :, 0]) / math.sqrt(q.shape[-1])
+    if num_tokens is not None:  # keys past the image's own tokens are not there
+        absent = torch.arange(kv.shape[1], device=q.device)[None, :] >= num_tokens[slot][:, None]
+        scores = scores.masked_fill(absent[:, None, :], float("-inf"))
     attn = torch.einsum("bhn,bnhd->bhd", scores.softmax(-1), kv[:, :, 1])
     return torch.where((slots >= 0)[:, None, None], attn, 0.0).to(q.dtype)
 
@@ -621,12 +646,15 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
                           out: torch.Tensor | None = None, gate_mean: torch.Tensor | None = None,
                           workspace: CrossAttentionWorkspace | None = None, wq_scale: torch.Tensor | None = None,
                           wo_scale: torch.Tensor | None = None, gate_w0_scale: torch.Tensor | None = None,
-                          gate_w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                          gate_w2_scale: torch.Tensor | None = None, num_tokens: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """One layer's gated cross-attention with its residual: out [B, dim] (see the module docstring).
 
     x [B, dim]; norm_alpha (dim values); wq [dim, dim] (row stride free: rows [0, dim) of the shared
     in_proj_weight); image_kv [S, N, 2, H, D] with H * D = dim; slots [B] int32/int64 in [-1, S)
-    (not checked: that would need a sync); wo [dim, dim]; gate_w0 [G, dim]; gate_w2 [dim, G].
+    (not checked: that would need a sync); num_tokens [S] int32/int64 in [1, N] (optional: each slot's
+    image token count, the keys past it masked; default all N); wo [dim, dim]; gate_w0 [G, dim];
+    gate_w2 [dim, G].
     Each of wq, wo, gate_w0, gate_w2 is dense in x's dtype, or int8 (bitsandbytes' CB) with its
     `<name>_scale` fp32 [rows] (SCB; for a wq cut from in_proj, the matching slice of its SCB).
     out may be x (in place); gate_mean (fp32 [B]) receives each row's mean gate (0 without image).
@@ -643,6 +671,7 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
         raise ValueError(f"image_kv heads x head_dim must equal dim {dim}, got shape {list(image_kv.shape)}")
     _check_image_kv(image_kv, H, D, x.dtype, x.device)
     _check_slots(slots, B, x.device)
+    _check_num_tokens(num_tokens, image_kv.shape[0], x.device)
     scales = (wo_scale, gate_w0_scale, gate_w2_scale)
     _check_gate(x, wo, gate_w0, gate_w2, out, gate_mean, *scales)
     q = _scratch(workspace, "q", (B, dim), x.dtype, x.device)
@@ -652,20 +681,20 @@ def gated_cross_attention(x: torch.Tensor, norm_alpha: torch.Tensor, wq: torch.T
     out = torch.empty_like(x) if out is None else out
 
     _rows_linear(x, norm_alpha.reshape(-1), wq, wq_scale, q, slots, None, eps=eps, norm=True, relu=False)
-    _attention(q.unflatten(1, (H, D)), image_kv, slots, attn.unflatten(1, (H, D)), stats, acc, counters)
+    _attention(q.unflatten(1, (H, D)), image_kv, slots, num_tokens, attn.unflatten(1, (H, D)), stats, acc, counters)
     _gated_output(x, attn, slots, wo, gate_w0, gate_w2, scales, out, gate_mean, a, h)
     return out
 
 
 def gated_cross_attention_reference(x, norm_alpha, wq, image_kv, slots, wo, gate_w0, gate_w2, *,
                                     eps: float = 1e-8, wq_scale=None, wo_scale=None, gate_w0_scale=None,
-                                    gate_w2_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+                                    gate_w2_scale=None, num_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, gate_mean) in plain PyTorch, fp32 math with the model reference's rounding points (int8
     weights dequantized first)."""
     B, dim = x.shape
     H, D = image_kv.shape[3], image_kv.shape[4]
     q = norm_q_projection_reference(x, norm_alpha, wq, eps=eps, wq_scale=wq_scale)
-    attn = image_attention_reference(q.view(B, H, D), image_kv, slots).reshape(B, dim)
+    attn = image_attention_reference(q.view(B, H, D), image_kv, slots, num_tokens).reshape(B, dim)
     return gated_output_reference(x, attn, slots, wo, gate_w0, gate_w2, wo_scale=wo_scale,
                                   gate_w0_scale=gate_w0_scale, gate_w2_scale=gate_w2_scale)
 
@@ -726,9 +755,11 @@ def audit_cases() -> list[dict]:
                        stride_kh=D, stride_sb=H * splits * 2, stride_sh=splits * 2, stride_ss=2,
                        stride_ab=H * splits * D, stride_ah=splits * D, stride_as=D)
         add(f"xattn_attention_b{B}_splits{splits}", _attention_kernel,
-            dict(q_ptr=bf, kv_ptr=bf, slots_ptr=slot, stats_ptr=f32, acc_ptr=f32, count_ptr="*i32", out_ptr=bf),
+            dict(q_ptr=bf, kv_ptr=bf, slots_ptr=slot, ntok_ptr=slot, stats_ptr=f32, acc_ptr=f32, count_ptr="*i32",
+                 out_ptr=bf),
             dict(B=B, N=N, keys_per_split=cfg.pop("keys_per_split"), stride_cb=H, stride_ob=dim, stride_oh=D,
                  **strides),
-            dict(HEAD_DIM=D, DOT_PRECISION="tf32", BLOCK_S=next_pow2(splits), **cfg), floats=("qk_scale",),
+            dict(HAS_COUNTS=True, HEAD_DIM=D, DOT_PRECISION="tf32", BLOCK_S=next_pow2(splits), **cfg),
+            floats=("qk_scale",),
             **launch)
     return cases

@@ -22,10 +22,22 @@ offset can overflow 32 bits, and a row's draw depends neither on its batch mates
 One Philox call gives the four uniforms of four neighbouring vocabulary entries. With codebook = frame = 0
 word 0 is `tl.rand(seed, v div 4)`.
 
+Repetition penalty (Kyutai's, on the text token; optional, `RepetitionPenalty`): before the rule above,
+for every DISTINCT token v among the last C = min(context, n, H) entries of the row's history (a ring of
+the H most recent tokens of its stream other than the `ignored` ones, n of them appended so far),
+  l[v] <- l[v] / penalty  if l[v] >= 0,   l[v] * penalty  otherwise      (fp32, IEEE, rounded to l's dtype)
+written back into the logits (they are the logits the token was drawn from); after the token is chosen
+(drawn or forced) it is appended to the history unless it is an ignored one. Kyutai's Rust server
+(lm_generate_multistream.rs, `apply_repetition_penalty`) walks its generated text tokens newest first,
+skips padding (3), end-of-padding (0) and the start token, counts the next `context` tokens and
+penalises each distinct one once: the same set.
+
 Every per-row parameter is read from device tensors and nothing is synchronised with the host, so the
 launch can be captured in a CUDA graph. Logits must not contain NaN (their token is then unspecified).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -123,19 +135,56 @@ def _row_argmax(row_ptr, V, thr, temperature, seed, codebook, frame, SAMPLE: tl.
 
 
 @triton.jit
+def _penalize_row(row_ptr, V, slot, n, penalty, context, hist_ptr, stride_hs, H, BLOCK_H: tl.constexpr):
+    """Kyutai's repetition penalty on one row of logits, in place (rule: module docstring).
+
+    The last C = min(context, n, H) entries of history row `slot` (entry i of the stream's tokens at
+    index i mod H) are read, their logits gathered, penalised and scattered back. A token repeated in the
+    window is not penalised twice: every copy computes the same value from the unpenalised logit, and
+    all reads happen before any write (the barriers also make the writes visible to the later passes).
+    """
+    i = tl.arange(0, BLOCK_H)
+    ok = i < tl.minimum(tl.minimum(context, n), H)
+    tok = tl.load(hist_ptr + slot * stride_hs + tl.where(ok, (n - 1 - i) % H, 0), mask=ok, other=0)
+    ok = ok & (tok >= 0) & (tok < V)
+    x = tl.load(row_ptr + tok, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    y = tl.where(xf >= 0, tl.math.div_rn(xf, penalty), xf * penalty)
+    tl.debug_barrier()
+    tl.store(row_ptr + tok, y.to(row_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, stride_lb, temp_ptr, stride_t, topk_ptr, stride_k, seed_ptr, stride_s,
                    frame_ptr, stride_f, cb_ptr, stride_cb, cb_value, forced_ptr, stride_fo, out_ptr, stride_o, V,
+                   rows_ptr, stride_r, pen_ptr, stride_p, ctx_ptr, stride_c, hist_ptr, stride_hs, hlen_ptr, H,
+                   ignored_a, ignored_b,
                    GREEDY: tl.constexpr, CB_PER_ROW: tl.constexpr, HAS_FORCED: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   HAS_HISTORY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """One program per row b of logits [B, V] (row stride stride_lb, unit column stride); writes out[b].
 
-    HAS_FORCED: a row whose forced[b] (int) is >= 0 writes that token and reads nothing else (teacher
-    forcing). GREEDY: argmax only (no parameter is read). Otherwise temperature[b] (fp32), top_k[b]
-    (int), seed[b] and frame[b] (int64), codebook = cb_ptr[b] if CB_PER_ROW else cb_value select the rule
-    and the random numbers described in the module docstring.
+    HAS_HISTORY: the row's history slot is rows[b] (-1: none, nothing read or written); first its logits
+    get the repetition penalty (penalty[b] fp32, context[b] int, history [S, H] int64 with row stride
+    stride_hs, lengths hlen [S] int64), at the end the chosen token is appended unless it is ignored_a or
+    ignored_b. HAS_FORCED: a row whose forced[b] (int) is >= 0 writes that token and reads no sampling
+    parameter (teacher forcing; the penalty and the append still apply). GREEDY: argmax only (no
+    parameter is read). Otherwise temperature[b] (fp32), top_k[b] (int), seed[b] and frame[b] (int64),
+    codebook = cb_ptr[b] if CB_PER_ROW else cb_value select the rule and the random numbers described in
+    the module docstring.
     """
     b = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + b * stride_lb
+    slot = tl.full([], -1, tl.int64)
+    n = tl.zeros([], tl.int64)
+    if HAS_HISTORY:
+        slot = tl.load(rows_ptr + b * stride_r).to(tl.int64)
+        if slot >= 0:
+            n = tl.load(hlen_ptr + slot)
+            penalty = tl.load(pen_ptr + b * stride_p)
+            context = tl.load(ctx_ptr + b * stride_c).to(tl.int64)
+            if (penalty != 1.0) & (context > 0) & (n > 0):
+                _penalize_row(row_ptr, V, slot, n, penalty, context, hist_ptr, stride_hs, H, BLOCK_H)
     forced = tl.full([], -1, tl.int64)
     if HAS_FORCED:
         forced = tl.load(forced_ptr + b * stride_fo).to(tl.int64)
@@ -160,6 +209,10 @@ def _sample_kernel(logits_ptr, stride_lb, temp_ptr, stride_t, topk_ptr, stride_k
         else:
             tok = _row_argmax(row_ptr, V, 0, 1.0, 0, 0, 0, False, BLOCK_R).to(tl.int64)
     tl.store(out_ptr + b * stride_o, tok)
+    if HAS_HISTORY:
+        if (slot >= 0) & (tok != ignored_a) & (tok != ignored_b):
+            tl.store(hist_ptr + slot * stride_hs + n % H, tok)
+            tl.store(hlen_ptr + slot, n + 1)
 
 
 # ---- launch configuration ------------------------------------------------------------------------
@@ -212,17 +265,62 @@ def _check_forced(forced, B: int, device, filler: torch.Tensor) -> torch.Tensor:
     return forced
 
 
+@dataclass(frozen=True)
+class RepetitionPenalty:
+    """What `sample_tokens` needs for Kyutai's repetition penalty (rule: module docstring), all on the
+    logits' device:
+
+      penalty [B] fp32   per logits row (1: none)
+      context [B] int32/int64   how many of the most recent history entries count (0: none)
+      rows [B] int32/int64      each row's history slot (-1: none; the row's history is neither read
+                                 nor appended to, e.g. a padding row)
+      history [S, H] int64      per slot, a ring of its H most recent non-ignored tokens
+      length [S] int64          tokens appended to each slot so far (entry i lives at history[s, i % H])
+      ignored                   the two token ids never appended (Kyutai: end-of-padding 0, padding 3)
+
+    Rows must name distinct slots (each program appends to its own). Slot values are not checked (that
+    would need a sync); they must lie in [-1, S).
+    """
+    penalty: torch.Tensor
+    context: torch.Tensor
+    rows: torch.Tensor
+    history: torch.Tensor
+    length: torch.Tensor
+    ignored: tuple[int, int] = (0, 3)
+
+
+def _check_penalty(rep: RepetitionPenalty, B: int, device) -> None:
+    if not isinstance(rep, RepetitionPenalty):
+        raise TypeError(f"repetition must be a RepetitionPenalty, got {type(rep).__name__}")
+    _check_row_param(rep.penalty, "repetition.penalty", B, (torch.float32,), device)
+    _check_row_param(rep.context, "repetition.context", B, _INT_DTYPES, device)
+    _check_row_param(rep.rows, "repetition.rows", B, _INT_DTYPES, device)
+    check_tensor(rep.history, "repetition.history", 2, (torch.int64,), device)
+    S, H = rep.history.shape
+    if H < 1 or rep.history.stride(1) != 1:
+        raise ValueError(f"repetition.history must be [S, H >= 1] with contiguous rows, got shape "
+                         f"{list(rep.history.shape)}, strides {list(rep.history.stride())}")
+    check_tensor(rep.length, "repetition.length", 1, (torch.int64,), device)
+    if tuple(rep.length.shape) != (S,) or rep.length.stride(0) != 1:
+        raise ValueError(f"repetition.length must be a contiguous [{S}] (one per history row), got shape "
+                         f"{list(rep.length.shape)}")
+    if len(rep.ignored) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and -2**63 <= t < 2**63
+                                        for t in rep.ignored):
+        raise ValueError(f"repetition.ignored must be two int64 token ids, got {rep.ignored!r}")
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
                   frame: torch.Tensor, codebook: int | torch.Tensor, *, forced: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, repetition: RepetitionPenalty | None = None) -> torch.Tensor:
     """One token per row of logits [B, V] (fp32/bf16/fp16) -> int64 [B]; one launch, no host sync.
 
     temperature [B] fp32 (<= 0: greedy), top_k [B] int32/int64 (<= 0 or >= V: no top-k), seed [B] int64
     (the stream's seed), frame [B] int64 (the stream's frame counter), codebook: 0 = text, 1..8 = audio
     codebooks, a Python int or an int32/int64 tensor [B]. forced: optional int32/int64 [B], teacher
     forcing per row: a row with forced >= 0 gets that token, one with forced < 0 is drawn. out: optional
-    int64 [B]; both may be strided views (e.g. columns of a token buffer). Rule and random numbers: module
-    docstring.
+    int64 [B]; both may be strided views (e.g. columns of a token buffer). repetition: optional Kyutai
+    repetition penalty (`RepetitionPenalty`): the rows' logits are penalised IN PLACE, and each row's
+    token (forced or drawn) is appended to its history. Rule and random numbers: module docstring.
     """
     _check_logits(logits)
     B, V = logits.shape
@@ -242,15 +340,26 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         raise TypeError(f"codebook must be an int or an int tensor [B], got {type(codebook).__name__}")
     forced_arg = _check_forced(forced, B, dev, seed)
     out = _check_out(out, B, dev)
+    if repetition is not None:
+        _check_penalty(repetition, B, dev)
     if B == 0:
         return out
     block_r, num_warps = _launch_config(V)
+    rep = repetition
+    if rep is None:  # seed / temperature fill the unused pointer slots
+        history_args = (seed, 0, temperature, 0, seed, 0, seed, 0, seed, 1, 0, 0)
+    else:
+        history_args = (rep.rows, rep.rows.stride(0), rep.penalty, rep.penalty.stride(0), rep.context,
+                        rep.context.stride(0), rep.history, rep.history.stride(0), rep.length, rep.history.shape[1],
+                        *rep.ignored)
     _sample_kernel[(B,)](
         logits, logits.stride(0), temperature, temperature.stride(0), top_k, top_k.stride(0),
         seed, seed.stride(0), frame, frame.stride(0), cb_tensor, cb_tensor.stride(0), cb_value,
-        forced_arg, forced_arg.stride(0), out, out.stride(0), V,
+        forced_arg, forced_arg.stride(0), out, out.stride(0), V, *history_args,
         GREEDY=False, CB_PER_ROW=isinstance(codebook, torch.Tensor), HAS_FORCED=forced is not None,
-        BLOCK_R=block_r, num_warps=num_warps, num_stages=_NUM_STAGES)
+        HAS_HISTORY=rep is not None, BLOCK_R=block_r,
+        BLOCK_H=1 if rep is None else next_pow2(rep.history.shape[1]),
+        num_warps=num_warps, num_stages=_NUM_STAGES)
     record_launch("sample_tokens")
     return out
 
@@ -268,8 +377,9 @@ def greedy_tokens(logits: torch.Tensor, *, forced: torch.Tensor | None = None,
     block_r, num_warps = _launch_config(V)
     _sample_kernel[(B,)](  # GREEDY reads no parameter: any tensor fills those pointer slots
         logits, logits.stride(0), logits, 0, out, 0, out, 0, out, 0, out, 0, 0, forced_arg, forced_arg.stride(0),
-        out, out.stride(0), V, GREEDY=True, CB_PER_ROW=False, HAS_FORCED=forced is not None,
-        BLOCK_R=block_r, num_warps=num_warps, num_stages=_NUM_STAGES)
+        out, out.stride(0), V, out, 0, logits, 0, out, 0, out, 0, out, 1, 0, 0,
+        GREEDY=True, CB_PER_ROW=False, HAS_FORCED=forced is not None, HAS_HISTORY=False,
+        BLOCK_R=block_r, BLOCK_H=1, num_warps=num_warps, num_stages=_NUM_STAGES)
     record_launch("greedy_tokens")
     return out
 
@@ -343,25 +453,61 @@ def greedy_tokens_reference(logits: torch.Tensor, *, forced: torch.Tensor | None
     return tokens if forced is None else torch.where(forced >= 0, forced.to(torch.int64), tokens)
 
 
+def repetition_penalty_reference(logits: torch.Tensor, repetition: RepetitionPenalty) -> torch.Tensor:
+    """The logits `sample_tokens(..., repetition=...)` draws from (a new tensor in logits' dtype): in each
+    row with a slot, the distinct tokens among the last min(context, n, H) history entries penalised."""
+    rep, (B, V) = repetition, logits.shape
+    H = rep.history.shape[1]
+    slot = rep.rows.long().clamp(min=0)
+    n = rep.length[slot]                                                   # [B] tokens appended so far
+    count = torch.minimum(torch.minimum(rep.context.long(), n), torch.full_like(n, H))
+    count = torch.where(rep.rows >= 0, count, 0)
+    i = torch.arange(H, device=logits.device)
+    recent = rep.history[slot[:, None], (n[:, None] - 1 - i) % H]          # [B, H] newest first
+    counted = (i < count[:, None]) & (recent >= 0) & (recent < V)
+    penalised = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    penalised.scatter_(1, torch.where(counted, recent, V), True)            # a set: duplicates count once
+    x, p = logits.float(), rep.penalty[:, None]
+    y = torch.where(x >= 0, x / p, x * p).to(logits.dtype)
+    return torch.where(penalised[:, :V], y, logits)
+
+
+def append_history_reference(repetition: RepetitionPenalty, tokens: torch.Tensor) -> None:
+    """Each row with a slot appends its token [B] to its history (in place) unless the token is ignored."""
+    rep = repetition
+    keep = (rep.rows >= 0) & (tokens != rep.ignored[0]) & (tokens != rep.ignored[1])
+    slot = rep.rows.long()[keep]
+    n = rep.length[slot]
+    rep.history[slot, n % rep.history.shape[1]] = tokens[keep].to(torch.int64)
+    rep.length[slot] = n + 1
+
+
 # ---- static audit hook --------------------------------------------------------------------------------
 def audit_cases() -> list[dict]:
-    """The kernel at moshika-vis shapes in bf16: text head (V = 32000, codebook 0) and an audio head
-    (V = 2048, per-row codebook tensor), sampling and greedy variants; int_values are the integer
-    arguments of such a launch (contiguous [B, V] logits; per-row parameters, forced and out as the runtime
-    passes them: columns of its frame buffers)."""
+    """The kernel at moshika-vis shapes in bf16: text head (V = 32000, codebook 0, with the repetition
+    penalty's history of 256 tokens, as the runtime launches it) and an audio head (V = 2048, per-row
+    codebook tensor), sampling and greedy variants; int_values are the integer arguments of such a launch
+    (contiguous [B, V] logits; per-row parameters, forced and out as the runtime passes them: columns of
+    its frame buffers)."""
     sig = {"logits_ptr": "*bf16", "stride_lb": "i32", "temp_ptr": "*fp32", "stride_t": "i32",
            "topk_ptr": "*i64", "stride_k": "i32", "seed_ptr": "*i64", "stride_s": "i32",
            "frame_ptr": "*i64", "stride_f": "i32", "cb_ptr": "*i64", "stride_cb": "i32", "cb_value": "i32",
-           "forced_ptr": "*i64", "stride_fo": "i32", "out_ptr": "*i64", "stride_o": "i32", "V": "i32"}
+           "forced_ptr": "*i64", "stride_fo": "i32", "out_ptr": "*i64", "stride_o": "i32", "V": "i32",
+           "rows_ptr": "*i64", "stride_r": "i32", "pen_ptr": "*fp32", "stride_p": "i32", "ctx_ptr": "*i64",
+           "stride_c": "i32", "hist_ptr": "*i64", "stride_hs": "i32", "hlen_ptr": "*i64", "H": "i32",
+           "ignored_a": "i64", "ignored_b": "i64"}
+    history = 256
     cases = []
-    for name, V, greedy, per_row in (("text", 32000, False, False), ("audio", 2048, False, True),
-                                     ("text_greedy", 32000, True, False)):
+    for name, V, greedy, per_row, penalty in (("text", 32000, False, False, True), ("audio", 2048, False, True, False),
+                                              ("text_greedy", 32000, True, False, False)):
         block_r, num_warps = _launch_config(V)
         # as the runtime passes them: columns of its [B, 2] temperature / top-k, [B, 9] forced / tokens
-        strides = {"stride_t": 2, "stride_k": 2, "stride_s": 1, "stride_f": 1, "stride_cb": 1, "stride_o": 9}
+        strides = {"stride_t": 2, "stride_k": 2, "stride_s": 1, "stride_f": 1, "stride_cb": 1, "stride_o": 9,
+                   "stride_r": 1, "stride_p": 1, "stride_c": 1, "stride_hs": history, "H": history}
         cases.append({"name": f"sample_tokens_{name}", "fn": _sample_kernel, "signature": dict(sig),
                       "constexprs": {"GREEDY": greedy, "CB_PER_ROW": per_row, "HAS_FORCED": True,
-                                     "BLOCK_R": block_r},
+                                     "HAS_HISTORY": penalty, "BLOCK_R": block_r,
+                                     "BLOCK_H": next_pow2(history) if penalty else 1},
                       "int_values": {"stride_lb": V, "V": V, "cb_value": 0, "stride_fo": 9, **strides},
                       "num_warps": num_warps, "num_stages": _NUM_STAGES})
     return cases

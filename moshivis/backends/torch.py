@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from moshivis_kernels.sampling import sample_tokens_reference
+from moshivis_kernels.sampling import (append_history_reference, repetition_penalty_reference,
+                                       sample_tokens_reference)
 from moshivis_kernels.token_delays import frame_input_tokens_reference, frame_output_tokens_reference
 
 from .. import reference as R
 from ..config import MoshiVisConfig
-from ..frame import FrameBuffers, token_constants
+from ..frame import FrameBuffers, text_repetition, token_constants
 from ..image_pool import ImagePool
 from ..profiling import phase
 from ..state import StreamState
@@ -51,7 +52,10 @@ class TorchBackend:
                 x = self.ffn(i, x)
             h, text_logits = self.text_head(x)
         with phase("sampling"):
+            repetition = text_repetition(self.cfg, fb, self.state.text_history, self.state.text_history_len)
+            text_logits = repetition_penalty_reference(text_logits, repetition)
             text = self.choose(text_logits, fb, 0)
+            append_history_reference(repetition, text)
         with phase("depformer"):
             audio_logits, audio = self.depformer(h, text, fb)
         tokens = torch.cat([text[:, None], audio], dim=1)
@@ -68,8 +72,10 @@ class TorchBackend:
         return R.self_attention(self.w, self.cfg, i, x, self.state.kv[i], rows, positions)
 
     def cross_attention(self, i, x, image_slots, gate_mean):
-        kv_rows = self.pool.kv[image_slots.clamp(min=0)]  # [B, N, 2, H, D]: each row's image K/V
-        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0, gate_mean)
+        slots = image_slots.clamp(min=0)
+        kv_rows = self.pool.kv[slots]  # [B, N, 2, H, D]: each row's image K/V (its first num_tokens rows)
+        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0, gate_mean,
+                                 self.pool.num_tokens[slots])
 
     def ffn(self, i, x):
         return R.ffn(self.w, i, x)

@@ -3,8 +3,10 @@
 Frame (`_run`), every op a kernel writing into a buffer made once per batch-size bucket:
   delayed tokens in -> embedding sum -> per layer: norm1 + QKV, RoPE + KV append + attention, out-proj
   + residual, the gated cross-attention block over the image KV pool, norm2 + linear_in + SiLU gate,
-  linear_out + residual -> out_norm, text head, text sampling -> depformer (one persistent launch per
-  codebook step + its sampler) -> delayed tokens out.
+  linear_out + residual -> out_norm, text head, text sampling (the stream's repetition penalty applied and
+  its text history appended in the same launch) -> depformer (one persistent launch per codebook step +
+  its sampler) -> delayed tokens out. The cross-attention attends over each image's own tokens (the pool's
+  per-slot counts); a stream before its xa_start is staged without an image.
 Nothing is allocated and nothing waits for the host inside a frame. A batch runs in the smallest bucket
 (a power of two, or max_streams) that holds it, the rows past it padded (row -1: kernels skip their
 state). On a GPU each bucket's first frame runs eagerly (compiling the kernels), then the frame is
@@ -30,7 +32,7 @@ from moshivis_kernels._runtime import next_pow2, record_launch
 from moshivis_kernels.token_delays import frame_input_tokens, frame_output_tokens
 
 from ..checkpoint import XA, scale_key
-from ..frame import FrameBuffers, token_constants
+from ..frame import FrameBuffers, text_repetition, token_constants
 from ..profiling import phase, timing_active
 
 
@@ -89,8 +91,10 @@ class _Bucket:
              for x, key, epilogue, norm in backend.linear_calls(self)], dev)
         self.attention_ws = self_attention_workspace(size, cfg.num_heads, cfg.head_dim, cfg.context, dev)
         gate_dim = backend.w["llm.transformer.layers.0.cross_attention.gate.alpha.0.weight"].shape[0]
-        self.cross_ws = cross_attention_workspace(size, cfg.dim, cfg.num_heads, cfg.num_image_tokens, gate_dim,
+        self.cross_ws = cross_attention_workspace(size, cfg.dim, cfg.num_heads, backend.pool.max_tokens, gate_dim,
                                                   dt, dev)
+        state = backend.state
+        self.repetition = text_repetition(cfg, self.fb, state.text_history, state.text_history_len)
         self.depformer_ws = depformer_workspace(backend.depformer_w, size)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.launches: dict[str, int] = {}
@@ -210,7 +214,7 @@ class TritonBackend:
                 self._linear(b, b.attn, layer["out_proj"], residual=x, out=x)
                 with phase("cross_attention"):
                     gated_cross_attention(x, image_kv=self.pool.kv, slots=fb.image_slots, out=x, workspace=b.cross_ws,
-                                          gate_mean=fb.gate_mean[i], **layer["cross"])
+                                          gate_mean=fb.gate_mean[i], num_tokens=self.pool.num_tokens, **layer["cross"])
                 self._linear(b, x, layer["linear_in"], norm="rms", norm_alpha=layer["norm2"], epilogue="silu_gate",
                              out=b.g)
                 self._linear(b, b.g, layer["linear_out"], residual=x, out=x)
@@ -218,7 +222,7 @@ class TritonBackend:
             self._linear(b, b.h, "llm.text_linear.weight", out=fb.text_logits)
         with phase("sampling"):
             sample_tokens(fb.text_logits, fb.temperature[:, 0], fb.top_k[:, 0], fb.seed, fb.positions, 0,
-                          forced=fb.forced[:, 0], out=b.sampled[:, 0])
+                          forced=fb.forced[:, 0], out=b.sampled[:, 0], repetition=b.repetition)
         with phase("depformer"):
             depformer_frame(self.depformer_w, b.h, b.sampled[:, 0], b.depformer_ws, temperature=fb.temperature[:, 1],
                             top_k=fb.top_k[:, 1], seed=fb.seed, frame=fb.positions, forced=fb.forced,
