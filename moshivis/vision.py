@@ -182,7 +182,14 @@ class ImageEncoder:
         """features [tokens(resolution), hidden] (the model's dtype) for `Engine.open_stream(image=...)`:
         resized to `side(resolution)` (default: the encoder's own size), after cutting out the central
         square with center_crop (module docstring)."""
+        return self.encode_batch([image], resolution, center_crop)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, images: list, resolution: int | None = None, center_crop: bool = False
+                     ) -> torch.Tensor:
+        """`encode` of several images in one SigLIP call: features [len(images), tokens(resolution), hidden]."""
         p = next(self.model.parameters())
-        pixels = preprocess(image, self.side(resolution), center_crop)[None].to(device=p.device, dtype=p.dtype)
+        side = self.side(resolution)
+        pixels = torch.stack([preprocess(im, side, center_crop) for im in images]).to(device=p.device, dtype=p.dtype)
         # Kyutai asks for interpolated position embeddings; at the model's own size they are unchanged.
-        return self.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[0]
+        return self.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state

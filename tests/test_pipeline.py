@@ -57,14 +57,14 @@ def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_
     start once their image is ready, and every stream's speech and text equal `chat.converse` alone."""
     f, cfg = chat_files, chat_files["cfg"]
     vision = f["media"].vision
-    encode = vision.encode
+    encode = vision.encode_batch
 
-    def slow_encode(*args, **kwargs):
-        time.sleep(1.0)
-        return encode(*args, **kwargs)
+    def slow_encode(images, *args, **kwargs):
+        time.sleep(1.0 * len(images))
+        return encode(images, *args, **kwargs)
 
     async def scenario():
-        vision.encode = slow_encode
+        vision.encode_batch = slow_encode
         try:
             async with serving(Engine(cfg, f["weights"], max_streams=10), media=f["media"], mode="realtime",
                                tick_ms=TICK_MS) as server:
@@ -74,7 +74,7 @@ def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_
                         for i in range(2)]
                 return await asyncio.gather(*running), await asyncio.gather(*late)
         finally:
-            vision.encode = encode
+            vision.encode_batch = encode
 
     running, late = run(scenario(), timeout=120)
     for r in running:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from test_serve import server_process
 
@@ -53,8 +53,9 @@ def media_files(tmp_path_factory) -> tuple[Path, Path]:
         f.setsampwidth(2)
         f.setframerate(48000)
         f.writeframes(pcm.tobytes())
-    rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(d / "picture.png")
+    im = Image.new("RGB", (320, 240), (40, 70, 160))  # "a red square on a blue background"
+    ImageDraw.Draw(im).rectangle((110, 70, 210, 170), fill=(200, 40, 40))
+    im.save(d / "picture.png")
     return d / "mic.wav", d / "picture.png"
 
 

@@ -65,7 +65,7 @@ async def _serve(args) -> None:
         engine = build_engine(args)
         media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
     config = server_config(args, args.host, args.port)
-    server = await Server(engine, config, media, ssl=tls, max_image_resolution=args.max_image_resolution).start()
+    server = await Server(engine, config, media, ssl=tls).start()
     mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers need it for the microphone "
                                        "anywhere but localhost)")
     ap.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
-    ap.add_argument("--max-image-resolution", type=int,
-                    help="largest image side Kyutai's clients may ask for (default: the encoder's own size)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -22,18 +22,21 @@ image (our extension; Kyutai's clients never send one). A refused open (full ser
 with the reason, then the connection closes. There is no close message: either side closes the socket.
 
 Query parameters (those Kyutai's web clients send), each range-checked (a bad value: 0x05 naming it):
-  text_temperature, audio_temperature (>= 0), text_topk, audio_topk (>= 1, at most the vocabulary):
+  text_temperature, audio_temperature (>= 0), text_topk, audio_topk (>= 1; at or above the vocabulary
+      keeps every token):
       the stream's sampling (absent: our defaults, Kyutai's PyTorch ones: 0.7/25 text, 0.8/250 audio)
   text_seed, audio_seed (integers >= 0): together key the stream's random draws (the engine draws
       text and audio from one counter-based generator keyed by one seed); absent: a random seed
-  repetition_penalty (>= 1), repetition_penalty_context (>= 0 tokens): on the text token, as Kyutai's
-      Rust server applies it
-  pad_mult: added to the text padding token's log-probability, as Kyutai's Rust server does
-  image_resolution (pixels; clamped to [10 x patch, the server's maximum] and rounded down to a
-      multiple of the patch, as Kyutai's Rust server does), center_crop (true/false): preprocessing
+  repetition_penalty (> 0, 1 = none), repetition_penalty_context (0..256 text tokens): on the text
+      token, as Kyutai's Rust server applies it (`SamplingParams`)
+  image_resolution (pixels): the square side the image is resized to, rounded to the patch and clamped
+      to [10 x patch, the encoder's own size] as Kyutai's Rust server does; center_crop (true/false):
+      the central square is cut out first
   xa_start (frames >= 0): the stream looks at its image only from that frame on
   max_steps (frames >= 1): the session ends after that many frames (Kyutai's Rust server: 4500 cap)
-  text_temperature_gating_influence, worker_auth_id, email and unknown names: ignored
+  pad_mult (range-checked), text_temperature_gating_influence, worker_auth_id, email and unknown
+      names: ignored, as Kyutai's MoshiVis PyTorch server ignores them (its web client sends pad_mult 0
+      and gating influence 0, which change nothing)
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch
 
 from .. import protocol as P
 from ..engine import SamplingParams
+from ..state import TEXT_HISTORY
 from .scheduler import OpenRequest
 from .session import Session
 
@@ -56,12 +60,9 @@ HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING, COLORED_TEXT, IMAGE, RAT
 PATH = "/api/chat"
 MAX_AUDIO_MESSAGE = 1 << 16  # an Ogg page is at most 65307 bytes
 OGG_SLICE = 4096
+MAX_OGG_HEADER = 27 + 255
+MAX_TOPK = 1 << 31  # a top-k at or above the vocabulary keeps every token (as Kyutai's samplers do)
 IGNORED = ("text_temperature_gating_influence", "worker_auth_id", "email")
-
-
-def colour(gate: float) -> int:
-    """Kyutai's text colour 0..10 from the mean gate of the last 10 layers."""
-    return int(round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10))
 
 
 def _number(query: dict, name: str, kind, lo, hi, default):
@@ -77,20 +78,20 @@ def _number(query: dict, name: str, kind, lo, hi, default):
     return value
 
 
-def parse_query(query: dict[str, str], cfg, max_resolution: int | None, patch: int | None) -> tuple[OpenRequest, int | None]:
+def parse_query(query: dict[str, str]) -> tuple[OpenRequest, int | None]:
     """The open request a Kyutai client asks for, and its max_steps; ProtocolError bad_query names a bad
     parameter."""
     d = SamplingParams()
     sampling = dict(
         temperature_text=_number(query, "text_temperature", float, 0.0, 100.0, d.temperature_text),
-        top_k_text=_number(query, "text_topk", int, 1, cfg.text_card, d.top_k_text),
+        top_k_text=_number(query, "text_topk", int, 1, MAX_TOPK, d.top_k_text),
         temperature_audio=_number(query, "audio_temperature", float, 0.0, 100.0, d.temperature_audio),
-        top_k_audio=_number(query, "audio_topk", int, 1, cfg.audio_card, d.top_k_audio),
-        repetition_penalty=_number(query, "repetition_penalty", float, 1.0, 100.0, d.repetition_penalty),
-        repetition_penalty_context=_number(query, "repetition_penalty_context", int, 0,
-                                           SamplingParams.MAX_REPETITION_CONTEXT, d.repetition_penalty_context),
-        pad_mult=_number(query, "pad_mult", float, -100.0, 100.0, d.pad_mult),
+        top_k_audio=_number(query, "audio_topk", int, 1, MAX_TOPK, d.top_k_audio),
+        repetition_penalty=_number(query, "repetition_penalty", float, 1e-3, 100.0, d.repetition_penalty),
+        repetition_penalty_context=_number(query, "repetition_penalty_context", int, 0, TEXT_HISTORY,
+                                           d.repetition_penalty_context),
     )
+    _number(query, "pad_mult", float, -100.0, 100.0, 0.0)  # checked, then ignored (module docstring)
     text_seed = _number(query, "text_seed", int, 0, 2 ** 63 - 1, None)
     audio_seed = _number(query, "audio_seed", int, 0, 2 ** 63 - 1, None)
     if text_seed is None and audio_seed is None:
@@ -98,16 +99,14 @@ def parse_query(query: dict[str, str], cfg, max_resolution: int | None, patch: i
     else:
         seed = ((text_seed or 0) * 1_000_003 + (audio_seed or 0)) % 2 ** 63
     options = {}
-    if max_resolution is not None:
-        resolution = _number(query, "image_resolution", int, 1, 1 << 16, None)
-        if resolution is not None:  # Kyutai's Rust server: a multiple of the patch in [10 x patch, max]
-            resolution = min(max(resolution, 10 * patch), max_resolution) // patch * patch
-            options["resolution"] = resolution
-        crop = query.get("center_crop")
-        if crop not in (None, ""):
-            if crop.lower() not in ("true", "false", "1", "0"):
-                raise P.ProtocolError("bad_query", f"query parameter center_crop={crop!r} is not true or false")
-            options["center_crop"] = crop.lower() in ("true", "1")
+    resolution = _number(query, "image_resolution", int, 1, 1 << 16, None)
+    if resolution is not None:
+        options["resolution"] = resolution  # the encoder rounds and clamps it as Kyutai's Rust server does
+    crop = query.get("center_crop")
+    if crop not in (None, ""):
+        if crop.lower() not in ("true", "false", "1", "0"):
+            raise P.ProtocolError("bad_query", f"query parameter center_crop={crop!r} is not true or false")
+        options["center_crop"] = crop.lower() in ("true", "1")
     xa_start = _number(query, "xa_start", int, 0, P.MAX_XA_START, 0)
     max_steps = _number(query, "max_steps", int, 1, 1 << 30, None)
     try:
@@ -117,23 +116,52 @@ def parse_query(query: dict[str, str], cfg, max_resolution: int | None, patch: i
     return OpenRequest(seed=seed, sampling=params, image_options=options, audio="pcm", xa_start=xa_start), max_steps
 
 
+class OggFraming:
+    """Checks that a byte stream is made of Ogg pages (RFC 3533: "OggS", version 0, a segment table), page
+    boundaries anywhere in the messages; sphn's reader would take some garbage silently."""
+
+    def __init__(self):
+        self._need = 0  # bytes of the current page still to skip
+        self._head = b""  # the start of a page header not complete yet
+
+    def feed(self, data) -> None:
+        data, i = bytes(data), 0
+        while i < len(data):
+            if self._need:  # inside a page's body
+                step = min(self._need, len(data) - i)
+                self._need -= step
+                i += step
+                continue
+            n = min(MAX_OGG_HEADER - len(self._head), len(data) - i)
+            head, i = self._head + data[i:i + n], i + n
+            if head[:4] != b"OggS"[:len(head)] or len(head) > 4 and head[4] != 0:
+                raise P.ProtocolError("bad_audio", "audio is not an Ogg stream (no OggS page header where one "
+                                                   "must start): send Ogg pages of Opus")
+            if len(head) < 27 or len(head) < 27 + head[26]:
+                self._head = head  # the header continues in the next message
+                continue
+            page = 27 + head[26] + sum(head[27:27 + head[26]])
+            self._head, self._need = b"", max(0, page - len(head))
+            i -= max(0, len(head) - page)  # bytes taken past this page start the next one
+
+
 class KyutaiSession(Session):
     """One client of Kyutai's protocol: Opus in (decoded and cut into 1920-sample frames for Mimi), the
     stream's Opus and transcript out."""
 
-    def __init__(self, conn, scheduler, max_image_bytes: int, max_resolution: int | None = None,
-                 patch: int | None = None, on_done=None):
+    def __init__(self, conn, scheduler, max_image_bytes: int, on_done=None):
         super().__init__(conn, scheduler, on_done)
         self.max_image_bytes = max_image_bytes
         import sphn  # the Ogg/Opus codec Kyutai's Python tools use
-        self._reader = sphn.OpusStreamReader(P.PCM_SAMPLE_RATE)
-        self._writer = sphn.OpusStreamWriter(P.PCM_SAMPLE_RATE)  # output thread only
+        self._opus_in = sphn.OpusStreamReader(P.PCM_SAMPLE_RATE)
+        self._opus_out = sphn.OpusStreamWriter(P.PCM_SAMPLE_RATE)  # output thread only
         self._pcm = np.zeros(0, np.float32)
+        self._ogg = OggFraming()
         self._dropped = 0
         self._image = False
         self.max_steps = None
         try:
-            self.request, self.max_steps = parse_query(conn.query, scheduler.cfg, max_resolution, patch)
+            self.request, self.max_steps = parse_query(conn.query)
         except P.ProtocolError as e:
             self.request = None
             self.metrics.errors[e.code] += 1
@@ -148,6 +176,7 @@ class KyutaiSession(Session):
                 if len(payload) > MAX_AUDIO_MESSAGE:
                     raise P.ProtocolError("too_large", f"audio message of {len(payload)} bytes is over the limit of "
                                                        f"{MAX_AUDIO_MESSAGE}")
+                self._ogg.feed(payload)  # checked before anything is opened or decoded
                 if self.stream is None:
                     self._open(None)
                 self._audio(bytes(payload))
@@ -185,7 +214,7 @@ class KyutaiSession(Session):
         chunks = []
         try:  # in slices: sphn's reader fails on one call holding more than ~5 s of audio
             for i in range(0, len(data), OGG_SLICE):
-                chunks.append(self._reader.append_bytes(data[i:i + OGG_SLICE]))
+                chunks.append(self._opus_in.append_bytes(data[i:i + OGG_SLICE]))
         except ValueError as e:
             raise P.ProtocolError("bad_audio", f"audio is not an Ogg/Opus stream: {e}") from None
         self._pcm = np.concatenate([self._pcm, *chunks])
@@ -222,12 +251,12 @@ class KyutaiSession(Session):
     def prepare(self, s, out) -> list[bytes]:
         """Output thread: the frame's audio as Ogg/Opus pages and its text piece."""
         msgs = []
-        pages = self._writer.append_pcm(out.pcm.numpy())
+        if out.text:  # before the audio of its frame: a client that stops at the end of the audio has it
+            msgs.append(bytes([COLORED_TEXT, out.colour]) + out.text.encode() if self._image
+                        else bytes([TEXT]) + out.text.encode())
+        pages = self._opus_out.append_pcm(out.pcm.numpy())
         if len(pages):
             msgs.append(bytes([AUDIO]) + bytes(pages))
-        if out.text:
-            msgs.append(bytes([COLORED_TEXT, colour(out.gate)]) + out.text.encode() if self._image
-                        else bytes([TEXT]) + out.text.encode())
         return msgs
 
     def frame(self, s, out) -> None:

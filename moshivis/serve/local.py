@@ -143,17 +143,13 @@ class Server:
     """The server around one engine. `await start()`, then `await wait_closed()` or `await shutdown()`."""
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None, media: Media | None = None,
-                 ssl: ssl_module.SSLContext | None = None, web_root: Path | None = WEB_ROOT,
-                 max_image_resolution: int | None = None):
+                 ssl: ssl_module.SSLContext | None = None, web_root: Path | None = WEB_ROOT):
         self.scheduler = Scheduler(engine, config, media)
         self.engine, self.config, self.cfg = engine, self.scheduler.config, engine.cfg
         self.media, self.metrics = self.scheduler.media, self.scheduler.metrics
         self.ssl, self.web_root = ssl, web_root
         image_bytes = self.config.max_image_file_bytes if self.media.vision is not None else 0
         self.limits = P.Limits.for_config(self.cfg, image_bytes)
-        vision = self.media.vision
-        self.patch = vision.model.config.patch_size if vision is not None else None
-        self.max_resolution = (max_image_resolution or vision.image_size) if vision is not None else None
         self.port: int | None = None
         self.sessions: dict[int, Session] = {}
         self._ws_server = None
@@ -237,8 +233,7 @@ class Server:
     async def _handle(self, ws: ServerConnection) -> None:
         conn = WsConnection(ws)
         if conn.path == KYUTAI_PATH:
-            session = KyutaiSession(conn, self.scheduler, self.limits.max_image_file_bytes, self.max_resolution,
-                                    self.patch, on_done=self._done)
+            session = KyutaiSession(conn, self.scheduler, self.limits.max_image_file_bytes, on_done=self._done)
         else:
             session = NativeSession(conn, self.scheduler, self.limits, on_done=self._done)
         self.sessions[id(session)] = session

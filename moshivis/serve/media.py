@@ -138,14 +138,14 @@ class ImageWorker:
         if self.on_batch is not None and groups:
             self.on_batch(time.perf_counter() - start)
 
-    def _encode(self, images: list, options: dict) -> list[torch.Tensor]:
+    def _encode(self, images: list, options: dict) -> torch.Tensor:
         device = next(self.vision.model.parameters()).device
         if device.type != "cuda":
-            return [self.vision.encode(im, **options) for im in images]
+            return self.vision.encode_batch(images, **options)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._stream):  # beside the engine's frames, not between them
-            out = [self.vision.encode(im, **options) for im in images]
+            out = self.vision.encode_batch(images, **options)
         self._stream.synchronize()
         return out
 

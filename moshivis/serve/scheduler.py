@@ -84,7 +84,7 @@ class FrameOut:
     warm: bool  # a warm-up frame (no tokens yet)
     pcm: torch.Tensor | None = None  # [1920] float32 for speech streams (zeros during warm-up)
     text: str | None = None  # the transcript piece (with a tokenizer)
-    gate: float = 0.0  # mean cross-attention gate of the last (up to) 10 layers: Kyutai's text colour
+    colour: int = 0  # Kyutai's text colour 0..10: how much the frame looked at the image (`moshivis.gates`)
     arrived: float = 0.0  # when the input arrived (loop time)
     extra: object = None  # the sink's own per-frame output (`prepare`)
 
@@ -394,7 +394,7 @@ class Scheduler:
                 if c.kind == "open":
                     if s.state == "opening":
                         s.engine_id = self.engine.open_stream(seed=r.seed, image=c.image, sampling=r.sampling,
-                                                              **({"xa_start": r.xa_start} if r.xa_start else {}))
+                                                              xa_start=r.xa_start)
                 elif c.kind == "image":
                     if s.engine_id is not None:
                         self.engine.set_image(s.engine_id, c.image)
@@ -483,8 +483,8 @@ class Scheduler:
         slots = [s.slot for s in batch]
         tick, self._tick = self._tick, self._tick + 1
         try:
-            out, gates, encode_s, step_s = await loop.run_in_executor(self._engine_ex, self._step, batch, inputs,
-                                                                      slots)
+            out, colours, encode_s, step_s = await loop.run_in_executor(self._engine_ex, self._step, batch,
+                                                                        inputs, slots)
         except Exception as e:  # noqa: BLE001
             log.exception("frame %d failed", tick)
             for s in batch:
@@ -502,7 +502,7 @@ class Scheduler:
             tokens = out[i]
             outs.append(FrameOut(frame=s.frames, tick=tick, seq=seq, ref=ref, tokens=tokens,
                                  frame_ms=round(seconds * 1e3, 3), step_ms=round(step_s * 1e3, 3),
-                                 warm=int(tokens[0]) == UNGENERATED, gate=float(gates[i]), arrived=arrived))
+                                 warm=int(tokens[0]) == UNGENERATED, colour=colours[i], arrived=arrived))
             s.frames += 1
         future = loop.run_in_executor(self._output_ex, self._finish, batch, outs, slots)
         self._outputs.add(future)
@@ -510,8 +510,8 @@ class Scheduler:
 
     def _step(self, batch: list[Stream], inputs: list, slots: list[int | None]) -> tuple:
         """Engine thread: Mimi encode of the speech streams, then the engine step. Returns the tokens
-        [B, 1 + dep_q] int32, each stream's gate colour source (mean gate of the last up-to-10 layers),
-        and the encode and step seconds."""
+        [B, 1 + dep_q] int32, each stream's text colour (Kyutai's, from this frame's gates), and the encode
+        and step seconds."""
         t0 = time.perf_counter()
         user = torch.empty(len(batch), self.cfg.num_audio_in, dtype=torch.long)
         speech = [i for i, s in enumerate(batch) if s.audio == "pcm"]
@@ -524,8 +524,8 @@ class Scheduler:
         t1 = time.perf_counter()
         ids = [s.engine_id for s in batch]
         out = self.engine.step(user, ids).to(torch.int32)
-        gates = self.engine.gate_means(ids)[:, -10:].mean(dim=1)
-        return out, gates, t1 - t0, time.perf_counter() - t1
+        colours = self.engine.text_colors(ids)  # read with the tokens: no extra synchronisation
+        return out, colours, t1 - t0, time.perf_counter() - t1
 
     def _finish(self, batch: list[Stream], outs: list[FrameOut], slots: list[int | None]) -> list[FrameOut]:
         """Output thread: Mimi decode of the speech streams past warm-up, transcript pieces, and each
