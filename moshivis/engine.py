@@ -64,17 +64,21 @@ class Engine:
     """Streams API over one model: `open_stream`, `set_image`, `close_stream`, `step`.
 
     weights: the flat dict of `checkpoint.load` / `random_init`; its dtype and device are the compute
-    dtype and device. max_images: image pool capacity (default: max_streams).
+    dtype and device. max_images: image pool capacity (default: max_streams). kv_dtype: the
+    self-attention cache, "auto" (the compute dtype, the default) or "int8" (K and V quantized when
+    appended, symmetric int8 with one fp32 scale per token per head: about half the bytes; both
+    backends apply the same rule, `moshivis_kernels.self_attention.quantize_kv`).
     """
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, max_streams: int = 1, backend: str = "torch",
-                 max_images: int | None = None):
+                 max_images: int | None = None, kv_dtype: str = "auto"):
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive integer, got {max_streams!r}")
         ref = weights["llm.text_emb.weight"]
         self.cfg, self.weights, self.max_streams = cfg, weights, max_streams
         self.dtype, self.device = ref.dtype, ref.device
-        self.state = StreamState(cfg, max_streams, self.dtype, self.device)
+        self.state = StreamState(cfg, max_streams, self.dtype, self.device, kv_dtype)
+        self.kv_dtype = kv_dtype
         self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device)
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}

@@ -73,7 +73,7 @@ from . import protocol as P
 from .config import UNGENERATED, ZERO_TOKEN, MoshiVisConfig, preset
 from .engine import Engine, StreamError
 from .image_pool import ImageError
-from .state import StreamState
+from .state import StreamState, add_kv_dtype_arg
 
 log = logging.getLogger("moshivis.server")
 
@@ -107,17 +107,19 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
 
-def memory_model(cfg: MoshiVisConfig, dtype: torch.dtype, max_streams: int, max_images: int) -> dict[str, int]:
-    """Bytes the engine preallocates: per-stream self-attention K/V and per-image cross-attention K/V."""
-    kv = StreamState.kv_bytes_per_stream(cfg, dtype)
+def memory_model(cfg: MoshiVisConfig, dtype: torch.dtype, max_streams: int, max_images: int,
+                 kv_dtype: str = "auto") -> dict[str, int]:
+    """Bytes the engine preallocates: per-stream self-attention K/V (in `kv_dtype`: "auto" = dtype, or
+    "int8" with its scales) and per-image cross-attention K/V."""
+    kv = StreamState.kv_bytes_per_stream(cfg, dtype, kv_dtype)
     image = cfg.num_image_tokens * 2 * cfg.dim * torch.empty((), dtype=dtype).element_size()
     return {"kv_bytes_per_stream": kv, "image_bytes_per_slot": image,
             "kv_bytes": kv * max_streams, "image_bytes": image * max_images}
 
 
-def max_streams_for_budget(cfg: MoshiVisConfig, dtype: torch.dtype, budget_bytes: int) -> int:
+def max_streams_for_budget(cfg: MoshiVisConfig, dtype: torch.dtype, budget_bytes: int, kv_dtype: str = "auto") -> int:
     """Streams whose K/V and one image slot each fit in `budget_bytes`."""
-    m = memory_model(cfg, dtype, 1, 1)
+    m = memory_model(cfg, dtype, 1, 1, kv_dtype)
     return budget_bytes // (m["kv_bytes_per_stream"] + m["image_bytes_per_slot"])
 
 
@@ -683,7 +685,7 @@ class Server:
     # ---- metrics ----------------------------------------------------------------------------------
     def metrics_text(self) -> str:
         e = self.engine
-        mem = memory_model(self.cfg, e.dtype, e.max_streams, e.pool.capacity)
+        mem = memory_model(self.cfg, e.dtype, e.max_streams, e.pool.capacity, e.kv_dtype)
         sessions = list(self._sessions.values())
         return self.metrics.render({
             "moshivis_active_streams": ("Streams open in the engine.",
@@ -714,11 +716,12 @@ def build_engine(args) -> Engine:
         weights = checkpoint.random_init(cfg, seed=args.seed, dtype=dtype, device=args.device)
     max_streams = args.max_streams
     if args.memory_budget_mb is not None:
-        max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20)))
+        max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20),
+                                                              args.kv_dtype))
         if max_streams < 1:
             raise SystemExit(f"--memory-budget-mb {args.memory_budget_mb}: not enough for one stream")
     engine = Engine(cfg, weights, max_streams=max_streams, backend=args.backend,
-                    max_images=args.max_images or max_streams)
+                    max_images=args.max_images or max_streams, kv_dtype=args.kv_dtype)
     if engine.device.type == "cuda":
         engine.warmup()  # every batch size compiled and captured before the first client
     return engine
@@ -735,6 +738,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-streams", type=int, default=8)
     ap.add_argument("--max-images", type=int, help="image pool slots (default: max streams)")
     ap.add_argument("--memory-budget-mb", type=float, help="cap max streams by the K/V + image memory model")
+    add_kv_dtype_arg(ap)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is best on a busy 2-core machine)")
 
 
@@ -800,7 +804,7 @@ async def _serve(args) -> None:
     engine = build_engine(args)
     media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
     server = await Server(engine, server_config(args, args.host, args.port), media).start()
-    mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity)
+    mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity, engine.kv_dtype)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(server.shutdown(f"signal {s.name}")))

@@ -61,6 +61,16 @@ def golden_streams(golden_dir) -> dict[str, dict[str, torch.Tensor]]:
     return {f.stem: read_stream(f) for f in sorted(golden_dir.glob("stream_*.safetensors"))}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on this busy 2-core machine idle OpenMP threads spinning against
+    other processes make long PyTorch runs 10-20x slower (measured on the 600-frame quality test)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A generator seeded from the test's name: fresh inputs per test, reproducible runs."""

@@ -93,6 +93,16 @@ def _written(kv_shape, rows, positions) -> torch.Tensor:
     return mask
 
 
+def _padded_batch(S: int, B: int, ctx: int, gen: torch.Generator):
+    """(rows, pad, positions) of B streams in S slots, about half of them padding (-1; row 0 is, row 1 is
+    not), at positions of every scenario."""
+    rows = torch.randperm(S, generator=gen)[:B]
+    pad = torch.rand(B, generator=gen) < 0.5
+    pad[0], pad[1] = True, False
+    rows[pad] = -1
+    return rows, pad, _positions("mixed", B, ctx, gen)
+
+
 # ---- self-attention decode ----------------------------------------------------------------------
 @pytest.mark.parametrize("scenario", ["filling", "wrap", "far", "mixed"])
 @pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
@@ -131,11 +141,7 @@ def test_self_attention_decode_padding_rows(gen, H, D, ctx, splits):
     S = B + 2
     kv = torch.randn(S, 2, ctx, H, D, generator=gen)
     before = kv.clone()
-    rows = torch.randperm(S, generator=gen)[:B]
-    pad = torch.rand(B, generator=gen) < 0.5
-    pad[0], pad[1] = True, False
-    rows[pad] = -1
-    positions = _positions("mixed", B, ctx, gen)
+    rows, pad, positions = _padded_batch(S, B, ctx, gen)
     qkv = torch.randn(B, 3 * H * D, generator=gen)
     kv_ref = kv.clone()
     want = self_attention_decode_reference(qkv, kv_ref, rows, positions)
@@ -147,18 +153,23 @@ def test_self_attention_decode_padding_rows(gen, H, D, ctx, splits):
     assert torch.equal(kv.transpose(1, 2)[~written], before.transpose(1, 2)[~written])
 
 
-def test_self_attention_decode_streaming_matches_model_reference(gen):
-    """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
-    the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
-    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)  # head_dim 128: two splits
-    dim, H, D, ctx = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context
-    p = "llm.transformer.layers.0"
+def _self_attention_layer(gen: torch.Generator):
+    """(cfg, weights, rows, positions): layer 0's self-attention block at dim 256, 2 heads (head_dim 128: two
+    splits), context 37, random weights; three streams in slots 5, 1, 3 filling, at the wrap, far past it."""
+    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)
+    dim, p = cfg.dim, "llm.transformer.layers.0"
     w = {f"{p}.norm1.alpha": torch.rand(1, 1, dim, generator=gen) + 0.5,
          f"{p}.self_attn.in_proj_weight": torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim),
          f"{p}.self_attn.out_proj.weight": torch.randn(dim, dim, generator=gen) / math.sqrt(dim)}
+    return cfg, w, torch.tensor([5, 1, 3]), torch.tensor([0, cfg.context - 6, 5 * cfg.context - 3])
+
+
+def test_self_attention_decode_streaming_matches_model_reference(gen):
+    """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
+    the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
+    cfg, w, rows, positions = _self_attention_layer(gen)
+    dim, H, D, ctx, p = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context, "llm.transformer.layers.0"
     S = 6
-    rows = torch.tensor([5, 1, 3])
-    positions = torch.tensor([0, ctx - 6, 5 * ctx - 3])
     kv_model = torch.randn(S, 2, ctx, H, D, generator=gen)  # history of slots' previous users
     kv_kernel, kv_mine = kv_model.clone(), kv_model.clone()
     workspace = self_attention_workspace(3, H, D, ctx, "cpu")
@@ -322,11 +333,7 @@ def test_self_attention_decode_int8_kv_padding_rows(gen, H, D, ctx, splits):
     S = B + 2
     kv, scale = _int8_cache(S, ctx, H, D, gen)
     before = kv.clone(), scale.clone()
-    rows = torch.randperm(S, generator=gen)[:B]
-    pad = torch.rand(B, generator=gen) < 0.5
-    pad[0], pad[1] = True, False
-    rows[pad] = -1
-    positions = _positions("mixed", B, ctx, gen)
+    rows, pad, positions = _padded_batch(S, B, ctx, gen)
     qkv = torch.randn(B, 3 * H * D, generator=gen)
     kv_ref, scale_ref = kv.clone(), scale.clone()
     want = self_attention_decode_reference(qkv, kv_ref, rows, positions, kv_scale=scale_ref)
@@ -363,14 +370,8 @@ def test_self_attention_decode_int8_kv_streaming_matches_model_reference(gen):
     """Frames of moshivis.reference.self_attention on an INT8 cache against qkv projection + kernel + out
     projection; three streams fill, wrap and run far past the context, each frame on the cache the
     kernel's previous frames left."""
-    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)  # head_dim 128: two splits
-    dim, H, D, ctx = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context
-    p = "llm.transformer.layers.0"
-    w = {f"{p}.norm1.alpha": torch.rand(1, 1, dim, generator=gen) + 0.5,
-         f"{p}.self_attn.in_proj_weight": torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim),
-         f"{p}.self_attn.out_proj.weight": torch.randn(dim, dim, generator=gen) / math.sqrt(dim)}
-    rows = torch.tensor([5, 1, 3])
-    positions = torch.tensor([0, ctx - 6, 5 * ctx - 3])
+    cfg, w, rows, positions = _self_attention_layer(gen)
+    dim, H, D, ctx, p = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context, "llm.transformer.layers.0"
     kv_model, scale_model = _int8_cache(6, ctx, H, D, gen)  # history of slots' previous users
     kv_kernel, scale_kernel = kv_model.clone(), scale_model.clone()
     for _ in range(9):
