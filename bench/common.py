@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import moshivis_kernels  # noqa: F401  (sets TRITON_INTERPRET on CPU before anything imports triton)
 from moshivis.checkpoint import expected_shapes, quantized_keys
 from moshivis.config import MoshiVisConfig
+from moshivis.state import StreamState
 
 FRAME_BUDGET_MS = 80.0
 GIB = 1 << 30
@@ -119,11 +120,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
     return 2 * nbytes / best
 
 
+def _act_dtype(act_bytes: int) -> torch.dtype:
+    return {2: torch.bfloat16, 4: torch.float32}[act_bytes]
+
+
 def frame_bytes(cfg: MoshiVisConfig, batch: int, window: float, distinct_images: int,
-                act_bytes: int, weight_bytes: float) -> dict[str, float]:
+                act_bytes: int, weight_bytes: float, kv_dtype: str = "auto") -> dict[str, float]:
     """Bytes one frame must move at least, by part (SPEC.md §9).
 
-    weight_bytes per weight element (2 bf16, 1 int8, 4 fp32); act_bytes per cached K/V element;
+    weight_bytes per weight element (2 bf16, 1 int8, 4 fp32); act_bytes per image K/V element and per
+    self-attention K/V element unless kv_dtype is "int8" (1 byte, plus a 4-byte scale per head vector);
     window: visible self-attention positions per stream. Weights are read once per frame whatever the
     batch; the shared cross-attention projection is counted once per layer (it does not fit in L2 at
     real sizes); image K/V once per distinct image (L2-resident across layers: the lower bound).
@@ -138,7 +144,7 @@ def frame_bytes(cfg: MoshiVisConfig, batch: int, window: float, distinct_images:
         "cross_attention_weights": xattn * weight_bytes,
         "text_head": heads * weight_bytes,
         "depformer_weights": cfg.dep_q * per_step * weight_bytes,
-        "self_attention_kv": batch * L * 2 * window * d * act_bytes,
+        "self_attention_kv": batch * window * StreamState.kv_bytes_per_token(cfg, _act_dtype(act_bytes), kv_dtype),
         "image_kv": distinct_images * cfg.num_image_tokens * 2 * d * act_bytes,
     }
 
@@ -155,10 +161,10 @@ def model_weight_bytes(cfg: MoshiVisConfig, weight_bytes: float, act_bytes: int)
     return total
 
 
-def stream_bytes(cfg: MoshiVisConfig, act_bytes: int) -> dict[str, int]:
+def stream_bytes(cfg: MoshiVisConfig, act_bytes: int, kv_dtype: str = "auto") -> dict[str, int]:
     """Device memory one stream holds: its self-attention KV ring buffer at full context (every layer,
-    K and V) and its image's K/V in the pool (a distinct image per stream: the worst case)."""
-    kv = cfg.num_layers * 2 * cfg.context * cfg.dim * act_bytes
+    K and V, in kv_dtype) and its image's K/V in the pool (a distinct image per stream: the worst case)."""
+    kv = StreamState.kv_bytes_per_stream(cfg, _act_dtype(act_bytes), kv_dtype)
     image = cfg.num_image_tokens * 2 * cfg.dim * act_bytes
     return {"self_attention_kv": kv, "image_kv": image, "total": kv + image}
 

@@ -3,17 +3,19 @@ how many streams fit in the device memory, and the largest stream count that hol
 
 python -m bench.concurrency [--preset small|moshika-vis|tiny] [--backend torch|triton]
        [--streams 1 8 16 ...] [--frames N] [--warmup N] [--position N] [--reserve-gb G]
-       [--dtype float32|bfloat16] [--weights bf16|int8] [--device cpu|cuda] [--threads N] [--json PATH]
+       [--dtype float32|bfloat16] [--weights bf16|int8] [--kv-dtype auto|int8] [--device cpu|cuda]
+       [--threads N] [--json PATH]
 
 Streams are fast-forwarded to `--position` (default: the config's context, so every frame attends
 the full self-attention window: the steady state of a long conversation) and each has its own image.
-Memory per stream = its self-attention KV ring buffer at full context + its image's K/V. On a GPU the
+Memory per stream = its self-attention KV ring buffer at full context (in --kv-dtype: the compute
+dtype, or int8 with one fp32 scale per token per head) + its image's K/V. On a GPU the
 streams that fit are measured: torch.cuda.mem_get_info after the weights are loaded, less
 --reserve-gb for activations and allocator slack, over the memory per stream; the sweep stops at
 the first stream count over the budget (p99 > 80 ms), or out of memory. Without a GPU the fit is a
 MODEL of an H100 80 GB and an H200 141 GB (vendor peak bandwidth, memory torch can use there) and the
-latency figures are CPU figures. The capacity model (moshika-vis sizes, bf16 and int8 weights) is
-printed either way.
+latency figures are CPU figures. The capacity model (moshika-vis sizes, bf16 and int8 weights, bf16
+and int8 self-attention KV) is printed either way.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import math
 import torch
 
 from moshivis import preset
+from moshivis.state import StreamState, add_kv_dtype_arg
 
 from .common import (DEVICE_MODELS, FRAME_BUDGET_MS, GIB, add_common_args, copy_bandwidth, environment,
                      frame_bytes, model_weight_bytes, set_threads, stream_bytes, table, write_json)
@@ -33,26 +36,37 @@ GPU_STREAMS = [1, 8, 16, 24, 32, 40, 48, 64, 96, 128]
 CPU_STREAMS = [1, 2, 4, 8, 16, 32]
 
 
+def allocated_kv_bytes(cfg, dtype: torch.dtype, kv_dtype: str) -> int:
+    """The cache tensors one engine slot allocates, measured on a one-slot StreamState made on the meta
+    device (real shapes and dtypes, no memory)."""
+    return StreamState(cfg, 1, dtype, torch.device("meta"), kv_dtype).kv_bytes_allocated()
+
+
 def capacity_model(cfg, preset_name: str, reserve_bytes: float, act_bytes: int = 2) -> list[dict]:
-    """Streams that fit on each modelled device, for bf16 and int8 weights (activations and caches
-    in bf16): by memory, and by the bandwidth roofline of a frame at full context within 80 ms."""
-    per_stream = stream_bytes(cfg, act_bytes)["total"]
+    """Streams that fit on each modelled device, for bf16 and int8 weights and a bf16 or int8
+    self-attention cache (activations and image K/V in bf16): by memory, and by the bandwidth roofline of
+    a frame at full context within 80 ms. Each row also gives the cache bytes a slot allocates (measured
+    on meta tensors), which the model's bytes per stream must include exactly."""
     rows = []
     for device, spec in DEVICE_MODELS.items():
         for weights, wbytes in (("bf16", 2), ("int8", 1)):
             resident = model_weight_bytes(cfg, wbytes, act_bytes)
-            fit = max(0, math.floor((spec["memory_bytes"] - resident - reserve_bytes) / per_stream))
-            parts = frame_bytes(cfg, 1, cfg.context, 1, act_bytes, wbytes)
-            weights_read = sum(v for k, v in parts.items() if k.endswith(("weights", "head")))
-            per_stream_read = parts["self_attention_kv"] + parts["image_kv"]
-            budget_bytes = spec["bandwidth_bytes_per_s"] * FRAME_BUDGET_MS / 1e3
-            by_bandwidth = max(0, math.floor((budget_bytes - weights_read) / per_stream_read))
-            rows.append({"preset": preset_name, "device": device, "weights": weights, "source": "model",
-                         "memory_bytes": spec["memory_bytes"], "weights_bytes": resident,
-                         "bytes_per_stream": per_stream, "streams_fit_memory": fit,
-                         "streams_fit_bandwidth": by_bandwidth, "streams_fit": min(fit, by_bandwidth),
-                         "frame_ms_at_fit": (weights_read + min(fit, by_bandwidth) * per_stream_read)
-                         / spec["bandwidth_bytes_per_s"] * 1e3})
+            for kv_dtype, kv_label in (("auto", "bf16"), ("int8", "int8")):
+                per_stream = stream_bytes(cfg, act_bytes, kv_dtype)["total"]
+                fit = max(0, math.floor((spec["memory_bytes"] - resident - reserve_bytes) / per_stream))
+                parts = frame_bytes(cfg, 1, cfg.context, 1, act_bytes, wbytes, kv_dtype)
+                weights_read = sum(v for k, v in parts.items() if k.endswith(("weights", "head")))
+                per_stream_read = parts["self_attention_kv"] + parts["image_kv"]
+                budget_bytes = spec["bandwidth_bytes_per_s"] * FRAME_BUDGET_MS / 1e3
+                by_bandwidth = max(0, math.floor((budget_bytes - weights_read) / per_stream_read))
+                rows.append({"preset": preset_name, "device": device, "weights": weights, "kv": kv_label,
+                             "source": "model", "memory_bytes": spec["memory_bytes"], "weights_bytes": resident,
+                             "bytes_per_stream": per_stream,
+                             "kv_bytes_allocated_per_stream": allocated_kv_bytes(cfg, torch.bfloat16, kv_dtype),
+                             "streams_fit_memory": fit, "streams_fit_bandwidth": by_bandwidth,
+                             "streams_fit": min(fit, by_bandwidth),
+                             "frame_ms_at_fit": (weights_read + min(fit, by_bandwidth) * per_stream_read)
+                             / spec["bandwidth_bytes_per_s"] * 1e3})
     return rows
 
 
@@ -77,13 +91,14 @@ def measure(args, weights: dict | None = None, log=print) -> tuple[dict, list[di
     act_bytes = torch.empty((), dtype=dtype).element_size()
     weight_bytes = 1 if args.weights == "int8" else act_bytes
     position = cfg.context if args.position is None else args.position
-    per = stream_bytes(cfg, act_bytes)
+    per = stream_bytes(cfg, act_bytes, args.kv_dtype)
     reserve = args.reserve_gb * GIB
     weights_label = "int8 weights" if args.weights == "int8" else f"dense weights in {dtype}"
-    log(f"# concurrency: preset {args.preset}, backend {args.backend}, {weights_label}, on "
-        f"{env['device']} ({'GPU' if device.type == 'cuda' else 'CPU figures, not GPU'}); commit {env['commit']}")
+    log(f"# concurrency: preset {args.preset}, backend {args.backend}, {weights_label}, KV cache {args.kv_dtype}, "
+        f"on {env['device']} ({'GPU' if device.type == 'cuda' else 'CPU figures, not GPU'}); commit {env['commit']}")
+    kv_element = "1 B + a 4 B scale per head vector" if args.kv_dtype == "int8" else f"{act_bytes} B"
     log(f"# memory per stream: self-attention KV at full context ({cfg.num_layers} layers x K,V x {cfg.context} "
-        f"x {cfg.dim} x {act_bytes} B) {per['self_attention_kv'] / 1e6:.1f} MB + image K/V ({cfg.num_image_tokens} "
+        f"x {cfg.dim} x {kv_element}) {per['self_attention_kv'] / 1e6:.1f} MB + image K/V ({cfg.num_image_tokens} "
         f"x K,V x {cfg.dim} x {act_bytes} B) {per['image_kv'] / 1e6:.2f} MB = {per['total'] / 1e6:.1f} MB")
     if weights is None:
         weights = model_weights(cfg, dtype, device, args.weights, args.seed)
@@ -114,7 +129,7 @@ def measure(args, weights: dict | None = None, log=print) -> tuple[dict, list[di
             torch.cuda.reset_peak_memory_stats(device)
         try:
             r = run_config(cfg, weights, args.backend, b, args.frames, args.warmup, device, bandwidth, weight_bytes,
-                           args.seed, position)
+                           args.seed, position, kv_dtype=args.kv_dtype)
         except torch.OutOfMemoryError as e:
             rows.append({"streams": b, "batch": b, "backend": args.backend, "oom": True, "timed": False,
                          "error": str(e).splitlines()[0]})
@@ -155,15 +170,16 @@ def report(rows: list[dict], capacity: dict, env: dict, log=print) -> None:
     where = "GPU" if env["device_type"] == "cuda" else "CPU figures, not GPU"
     log(f"largest stream count holding p99 <= {FRAME_BUDGET_MS:.0f} ms: {capacity['max_streams_p99_within_budget']}"
         f" (measured on {env['device']}, {where}; limited by {capacity['limited_by']})")
-    log("\n# capacity model (NOT measured): moshika-vis sizes, bf16 caches, full context, distinct images, reserve "
-        f"{capacity['reserve_bytes'] / GIB:g} GiB, vendor peak bandwidth")
-    model = [r | {"weights_gib": r["weights_bytes"] / GIB, "mb_per_stream": r["bytes_per_stream"] / 1e6}
-             for r in capacity["model"]]
+    log("\n# capacity model (NOT measured): moshika-vis sizes, image K/V in bf16, self-attention KV (\"KV\") in bf16 "
+        f"or int8, full context, distinct images, reserve {capacity['reserve_bytes'] / GIB:g} GiB, vendor peak "
+        "bandwidth; \"KV MB allocated\": a slot's cache tensors as allocated (meta device)")
+    model = [r | {"weights_gib": r["weights_bytes"] / GIB, "mb_per_stream": r["bytes_per_stream"] / 1e6,
+                  "kv_mb_allocated": r["kv_bytes_allocated_per_stream"] / 1e6} for r in capacity["model"]]
     log(table(model, [("preset", "preset", ""), ("device (model)", "device", ""), ("weights", "weights", ""),
-                                  ("weights GiB", "weights_gib", ".1f"), ("MB/stream", "mb_per_stream", ".1f"),
-                                  ("fit by memory", "streams_fit_memory", "d"),
-                                  ("fit by bandwidth @80ms", "streams_fit_bandwidth", "d"),
-                                  ("streams", "streams_fit", "d"), ("roofline ms at that", "frame_ms_at_fit", ".1f")]))
+                      ("KV", "kv", ""), ("weights GiB", "weights_gib", ".1f"),
+                      ("KV MB allocated", "kv_mb_allocated", ".1f"), ("MB/stream", "mb_per_stream", ".1f"),
+                      ("fit by memory", "streams_fit_memory", "d"), ("fit by bandwidth @80ms", "streams_fit_bandwidth", "d"),
+                      ("streams", "streams_fit", "d"), ("roofline ms at that", "frame_ms_at_fit", ".1f")]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"])
+    add_kv_dtype_arg(ap)
     ap.add_argument("--streams", type=int, nargs="+", default=None,
                     help=f"stream counts (default on GPU: {GPU_STREAMS} up to the memory fit, and the fit; "
                          f"on CPU: {CPU_STREAMS})")

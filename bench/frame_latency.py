@@ -1,7 +1,7 @@
 """Per-frame latency of the streaming runtime: the main benchmark (`make bench`).
 
 python -m bench.frame_latency [--preset small|moshika-vis|tiny] [--backend torch triton]
-       [--dtype float32|bfloat16] [--weights bf16|int8] [--batch 1 4 ...] [--frames N]
+       [--dtype float32|bfloat16] [--weights bf16|int8] [--kv-dtype auto|int8] [--batch 1 4 ...] [--frames N]
        [--warmup N] [--device cpu|cuda] [--eager] [--threads N] [--json PATH]
 
 For each backend and batch size: B streams, each with its own image and seed, on seeded random
@@ -24,6 +24,7 @@ import torch
 
 from moshivis import Engine, preset, random_init
 from moshivis.profiling import PhaseTimer
+from moshivis.state import add_kv_dtype_arg
 
 from .common import (FRAME_BUDGET_MS, add_common_args, copy_bandwidth, count_launches, environment, frame_bytes,
                      percentile, set_threads, sync, table, write_json)
@@ -50,12 +51,13 @@ def open_streams(engine: Engine, batch: int, gen: torch.Generator) -> list[int]:
 
 def run_config(cfg, weights, backend: str, batch: int, frames: int, warmup: int, device: torch.device,
                bandwidth: float, weight_bytes: float, seed: int = 0, position: int = 0,
-               cuda_graphs: bool = True) -> dict:
+               cuda_graphs: bool = True, kv_dtype: str = "auto") -> dict:
     """Latency of `frames` frames after `warmup` for B fresh streams (or streams fast-forwarded to
     `position`: the state's frame counters are set there, so attention reads that many cached
     positions; the cache contents do not change the work). With frames=0 only launches are counted.
-    cuda_graphs=False keeps the triton backend's frames eager (no graph replay)."""
-    engine = Engine(cfg, weights, max_streams=batch, backend=backend)
+    cuda_graphs=False keeps the triton backend's frames eager (no graph replay). kv_dtype: the engine's
+    self-attention cache ("auto" or "int8"); the row records its allocated bytes per stream."""
+    engine = Engine(cfg, weights, max_streams=batch, backend=backend, kv_dtype=kv_dtype)
     if backend == "triton":
         engine.backend.use_cuda_graphs = cuda_graphs
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +82,8 @@ def run_config(cfg, weights, backend: str, batch: int, frames: int, warmup: int,
         times_ms.append((time.perf_counter() - t0) * 1e3)
     launches = count_launches(lambda: frame(warmup + frames))
     graphs = backend == "triton" and device.type == "cuda" and cuda_graphs
-    row = {"backend": backend, "batch": batch, "frames": frames, "start_position": position,
+    row = {"backend": backend, "batch": batch, "frames": frames, "start_position": position, "kv_dtype": kv_dtype,
+           "kv_bytes_per_stream": engine.state.kv_bytes_allocated() // batch,
            "launches_per_frame": launches["total"], "launches": launches,
            "cuda_graphs": graphs and engine.backend.graph_error is None,
            "graph_error": engine.backend.graph_error if graphs else None}
@@ -93,7 +96,7 @@ def run_config(cfg, weights, backend: str, batch: int, frames: int, warmup: int,
     # The visible self-attention window during the timed frames, for the roofline.
     window = sum(min(position + t + 1, cfg.context) for t in range(warmup, warmup + frames)) / frames
     act_bytes = weights["llm.text_emb.weight"].element_size()
-    parts = frame_bytes(cfg, batch, window, batch, act_bytes, weight_bytes)
+    parts = frame_bytes(cfg, batch, window, batch, act_bytes, weight_bytes, kv_dtype)
     total = sum(parts.values())
     p50 = percentile(times_ms, 50)
     return row | {
@@ -115,7 +118,7 @@ def measure(args, weights: dict | None = None, log=print, batches: dict | None =
     cfg = preset(args.preset)
     env = environment(device)
     weights_label = "int8 weights" if args.weights == "int8" else f"dense weights in {dtype}"
-    log(f"# frame latency: preset {args.preset}, {weights_label}, on {env['device']}"
+    log(f"# frame latency: preset {args.preset}, {weights_label}, KV cache {args.kv_dtype}, on {env['device']}"
         f" ({'CPU figures, not GPU' if device.type == 'cpu' else 'GPU'}); commit {env['commit']}")
     if weights is None:
         weights = model_weights(cfg, dtype, device, args.weights, args.seed)
@@ -133,7 +136,7 @@ def measure(args, weights: dict | None = None, log=print, batches: dict | None =
             frames, warmup = (0, 1) if interpreted else (args.frames, args.warmup)  # counted: a steady frame
             try:
                 r = run_config(cfg, weights, backend, batch, frames, warmup, device, bandwidth, weight_bytes,
-                               args.seed, cuda_graphs=not args.eager)
+                               args.seed, cuda_graphs=not args.eager, kv_dtype=args.kv_dtype)
             except torch.OutOfMemoryError as e:
                 r = {"backend": backend, "batch": batch, "timed": False, "oom": True, "error": str(e).splitlines()[0]}
                 log(f"# {backend} B={batch}: out of memory")
@@ -167,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
                     help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"],
                     help="bf16: dense weights in --dtype; int8: the INT8 checkpoint layout (linears int8)")
+    add_kv_dtype_arg(ap)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)

@@ -2,14 +2,17 @@
 H100: the kernels section gets whatever time --budget-min (default 7.5) leaves and skips the rest.
 
 python -m bench.gpu_suite --out DIR [--allow-cpu] [--quick] [--skip SECTION ...] [--budget-min M]
+                          [--kv-dtype auto|int8]
 
 Runs, on seeded random weights at the real moshika-vis sizes in bf16:
   frame_latency  backends torch and triton, B = 1, 8, 32 (fresh streams); triton at B = 1 also without
                  its CUDA graph (--eager), and triton with INT8 weights
   concurrency    the triton backend at full context, streams swept up to what fits in memory
-  kernels        every kernel against its baselines (bench.kernels), within the time left
+  kernels        every kernel against its baselines (bench.kernels; self-attention with a bf16 and an int8
+                 KV cache), within the time left
   audit          the sm_90a static audit (bench.audit, a subprocess running beside the GPU work)
-and writes DIR/results.json (each section as its own command writes it, plus the environment),
+--kv-dtype sets the engines' self-attention cache in the frame_latency and concurrency sections.
+Writes DIR/results.json (each section as its own command writes it, plus the environment),
 DIR/summary.md (the tables) and DIR/frame_latency.png, DIR/concurrency.png, DIR/kernels.png.
 The pytest GPU-only tests are separate (`pytest tests/test_kernels.py tests/test_engine.py` on the GPU
 machine: bf16 kernels, CUDA graph replay, the sync-free frame).
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 from moshivis import preset
+from moshivis.state import add_kv_dtype_arg
 
 from . import concurrency, frame_latency, kernels
 from .common import FRAME_BUDGET_MS, document, environment, set_threads, table
@@ -172,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="+", choices=SECTIONS, default=[])
     ap.add_argument("--budget-min", type=float, default=7.5, help="wall-clock budget; kernels get what is left")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 on CPU)")
+    add_kv_dtype_arg(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
@@ -227,19 +232,20 @@ def main(argv=None) -> int:
         fl_args = frame_latency.parser().parse_args(
             ["--preset", p["preset"], "--backend", *p["fl_backends"], "--dtype", p["dtype"],
              "--batch", *map(str, p["fl_batch"]), "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]),
-             "--device", device.type])
+             "--device", device.type, "--kv-dtype", args.kv_dtype])
         fl_env, rows = frame_latency.measure(fl_args, weights, note, batches={"triton": p["triton_batch"]})
         if cuda and "triton" in p["fl_backends"]:  # what the CUDA graph buys: the same frames launched eagerly
             eager_args = frame_latency.parser().parse_args(
                 ["--preset", p["preset"], "--backend", "triton", "--dtype", p["dtype"], "--batch", "1", "--eager",
-                 "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]), "--device", device.type])
+                 "--frames", str(p["fl_frames"]), "--warmup", str(p["fl_warmup"]), "--device", device.type,
+                 "--kv-dtype", args.kv_dtype])
             for r in frame_latency.measure(eager_args, weights, note)[1]:
                 rows.append(r | {"backend": "triton (eager)"})
             # INT8 weights: half the bytes of a frame (a second random model, quantized)
             int8_args = frame_latency.parser().parse_args(
                 ["--preset", p["preset"], "--backend", "triton", "--dtype", p["dtype"], "--weights", "int8",
                  "--batch", *map(str, p["triton_batch"]), "--frames", str(p["fl_frames"]),
-                 "--warmup", str(p["fl_warmup"]), "--device", device.type])
+                 "--warmup", str(p["fl_warmup"]), "--device", device.type, "--kv-dtype", args.kv_dtype])
             for r in frame_latency.measure(int8_args, None, note)[1]:
                 rows.append(r | {"backend": "triton (int8)"})
         for r in rows:
@@ -253,7 +259,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         log(f"\n## Concurrency (streams at full context, {p['cc_backend']} backend)\n")
         argv_cc = ["--preset", p["preset"], "--backend", p["cc_backend"], "--dtype", p["dtype"], "--frames",
-                   str(p["cc_frames"]), "--warmup", str(p["cc_warmup"]), "--device", device.type]
+                   str(p["cc_frames"]), "--warmup", str(p["cc_warmup"]), "--device", device.type,
+                   "--kv-dtype", args.kv_dtype]
         if p["cc_streams"]:
             argv_cc += ["--streams", *map(str, p["cc_streams"])]
         cc_env, cc_rows, capacity = concurrency.measure(concurrency.parser().parse_args(argv_cc), weights, log=note)

@@ -10,7 +10,8 @@ Kernels and their baselines (every baseline does the same work on the same input
                   block with F.scaled_dot_product_attention on the gathered image K/V, and with
                   flash-attn's flash_attn_with_kvcache (cache_batch_idx: no gather) when installed
   self_attention  RoPE + KV append + decode attention over a full context window, B in {1,4,16,64}:
-                  the PyTorch reference, SDPA on the gathered cache, flash-attn (rotary + append)
+                  the PyTorch reference, SDPA on the gathered cache, flash-attn (rotary + append); ours
+                  also on an int8 cache (one fp32 scale per token per head) beside its PyTorch reference
   embedding       the 17-table embedding sum vs the PyTorch reference
   sampling        temperature + top-k draw, text (V=32000) and audio (V=2048) rows vs the PyTorch
                   reference (same random numbers, same tokens) and torch.topk + torch.multinomial
@@ -192,11 +193,14 @@ def xattn_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
 
 def self_attention_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
     from moshivis_kernels import self_attention_decode, self_attention_workspace
+    from moshivis_kernels.self_attention import quantize_kv, self_attention_decode_reference
     flash = optional("flash_attn")
     dim, H, D, ctx, mp = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context, float(cfg.max_period)
     ab = rnd.dtype.itemsize
     for B in sweep:
         kv = rnd.normal(B, 2, ctx, H, D)  # one layer's ring buffers of B streams
+        kv8, scale8 = quantize_kv(kv)  # the same cache in int8, scales [B, 2, H, ctx]
+        scale8 = scale8.transpose(-1, -2).contiguous()
         qkv = rnd.normal(B, 3 * dim)
         rows = torch.arange(B, device=rnd.device)
         positions = torch.full((B,), ctx + 7, dtype=torch.int64, device=rnd.device)  # wrapped: full window
@@ -237,6 +241,14 @@ def self_attention_cases(cfg, rnd: Rand, sweep: list[int]) -> Iterator[Case]:
                  lambda op=torch_op: op(sdpa)),
             Impl("flash_attn", "flash_attn_with_kvcache (rotary, append, cache_batch_idx)",
                  flash_op if flash else None, status="ok" if flash else "not installed"),
+            Impl("triton_int8kv", "ours on an int8 cache (dequantized in registers)",
+                 lambda qkv=qkv, rows=rows, positions=positions, ws=ws, kv8=kv8, s8=scale8: self_attention_decode(
+                     qkv, kv8, rows, positions, kv_scale=s8, max_period=mp, workspace=ws),
+                 ours=True, check_against="torch_int8kv", bytes=B * ctx * 2 * (dim + 4 * H) + B * 4 * dim * ab),
+            Impl("torch_int8kv", "PyTorch reference on the int8 cache (quantize on append, dequantize the window)",
+                 lambda qkv=qkv, rows=rows, positions=positions, kv8=kv8, s8=scale8: self_attention_decode_reference(
+                     qkv, kv8, rows, positions, kv_scale=s8, max_period=mp),
+                 vs="triton_int8kv", bytes=B * ctx * 2 * (dim + 4 * H) + B * 4 * dim * ab),
         ]
         nbytes = B * 2 * ctx * dim * ab + B * 4 * dim * ab
         yield Case("self_attention", f"B={B}", {"B": B, "context": ctx, "dim": dim}, nbytes, impls,

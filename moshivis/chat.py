@@ -3,8 +3,8 @@
 python -m moshivis.chat --checkpoint DIR --image photo.jpg --audio question.wav --out answer.wav
     [--config JSON|PRESET] [--mimi FILE|DIR] [--mimi-config JSON] [--tokenizer FILE]
     [--siglip FILE] [--vision-config JSON] [--backend torch|triton] [--device cpu|cuda]
-    [--dtype float32|bfloat16] [--weights dense|int8] [--resample] [--seed N] [--greedy] [--quiet]
-    [--xa-start FRAME] [--image-resolution PX] [--center-crop]
+    [--dtype float32|bfloat16] [--weights dense|int8] [--kv-dtype auto|int8] [--resample] [--seed N]
+    [--greedy] [--quiet] [--xa-start FRAME] [--image-resolution PX] [--center-crop]
     [--repetition-penalty P] [--repetition-penalty-context N]
 
 Found in DIR unless given: the model (`*.safetensors` other than Mimi's; the SigLIP tower is read
@@ -38,6 +38,7 @@ from .checkpoint import CheckpointError
 from .config import PRESETS, UNGENERATED, ConfigError, MoshiVisConfig, preset
 from .engine import Engine, SamplingParams, StreamError
 from .image_pool import ImageError
+from .state import add_kv_dtype_arg
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local: transformers must never reach for the hub
 
@@ -112,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--weights", default="dense", choices=["dense", "int8"], help="checkpoint weight format")
+    add_kv_dtype_arg(p)
     p.add_argument("--resample", action="store_true", help="resample a question not at 24 kHz instead of refusing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy", action="store_true", help="argmax instead of Kyutai's default sampling")
@@ -240,7 +242,7 @@ def _run(args) -> int:
         raise ChatError(str(e)) from e
     features = encoder.encode(picture, args.image_resolution, args.center_crop)
     weights = checkpoint.load(model_path, cfg, dtype=dtype, device=device, weights=args.weights)
-    engine = Engine(cfg, weights, max_streams=1, backend=args.backend)
+    engine = Engine(cfg, weights, max_streams=1, backend=args.backend, kv_dtype=args.kv_dtype)
 
     progress = _Progress(codec.frame_size / codec.sample_rate, enabled=not args.quiet)
     answer = converse(engine, codec, tokenizer, features, question, seed=args.seed, sampling=sampling,

@@ -95,11 +95,13 @@ class Engine:
     dtype and device. max_images: image pool capacity (default: max_streams). max_image_tokens: the most
     tokens an image may have (default cfg.num_image_tokens, the encoder's own resolution; an image encoded
     at a lower resolution has fewer, `vision.ImageEncoder.encode(..., resolution=)`); the pool reserves
-    that many per image.
+    that many per image. kv_dtype: the self-attention cache, "auto" (the compute dtype, the default) or
+    "int8" (K and V quantized when appended, symmetric int8 with one fp32 scale per token per head: about
+    half the bytes; both backends apply the same rule, `moshivis_kernels.self_attention.quantize_kv`).
     """
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, max_streams: int = 1, backend: str = "torch",
-                 max_images: int | None = None, max_image_tokens: int | None = None):
+                 max_images: int | None = None, max_image_tokens: int | None = None, kv_dtype: str = "auto"):
         for name, value in (("max_streams", max_streams), ("max_image_tokens", max_image_tokens)):
             if (value is not None or name == "max_streams") and (
                     isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -107,7 +109,8 @@ class Engine:
         ref = weights["llm.text_emb.weight"]
         self.cfg, self.weights, self.max_streams = cfg, weights, max_streams
         self.dtype, self.device = ref.dtype, ref.device
-        self.state = StreamState(cfg, max_streams, self.dtype, self.device)
+        self.state = StreamState(cfg, max_streams, self.dtype, self.device, kv_dtype)
+        self.kv_dtype = kv_dtype
         self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device, max_image_tokens)
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}

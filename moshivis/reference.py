@@ -4,7 +4,9 @@ Functions of tensors, batched over streams (one token per stream per frame), cle
 Weights are the flat dict of `checkpoint.load`, keyed as in Kyutai's checkpoint. Linears run in the
 activations' dtype; norms, RoPE angles and softmax in float32, as Kyutai's code does. A linear whose
 weight is stored as int8 (bitsandbytes row-wise: `KEY` = CB int8, `scale_key(KEY)` = SCB fp32) is
-`F.linear(x, CB) * SCB / 127`, the definition the int8 kernel is held to.
+`F.linear(x, CB) * SCB / 127`, the definition the int8 kernel is held to. An int8 self-attention cache
+stores `quantize_kv(k)` (int8 plus one fp32 scale per token per head) and attends to `dequantize_kv` of
+it (`moshivis_kernels.self_attention` states the rule; its kernel applies it when appending).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moshivis_kernels.sampling import sample_tokens_reference
+from moshivis_kernels.self_attention import dequantize_kv, quantize_kv
 
 from .checkpoint import XA, scale_key
 from .config import END_OF_PADDING, MoshiVisConfig
@@ -111,21 +114,27 @@ def embed_inputs(w: dict, cfg: MoshiVisConfig, tokens: torch.Tensor) -> torch.Te
 
 
 def self_attention(w: dict, cfg: MoshiVisConfig, i: int, x: torch.Tensor, kv_cache: torch.Tensor,
-                   rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                   rows: torch.Tensor, positions: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Layer i's self-attention block with its residual, for B streams.
 
     kv_cache [S, 2, context, H, D] is layer i's ring buffer for all slots (updated in place): the key of
     absolute position p lives at index p % context. rows [B] are the streams' slots, positions [B]
-    their absolute positions. The visible window is positions p-context+1 .. p.
+    their absolute positions. The visible window is positions p-context+1 .. p. An int8 kv_cache comes
+    with kv_scale [S, 2, H, context] fp32, its per-token per-head scales (updated with it).
     """
     p = f"llm.transformer.layers.{i}"
     B, H, D, ctx = x.shape[0], cfg.num_heads, cfg.head_dim, cfg.context
     qkv = linear(w, f"{p}.self_attn.in_proj_weight", rms_norm(x, w[f"{p}.norm1.alpha"]))
     q, k, v = qkv.view(B, 3, H, D).unbind(1)
     q, k = rope(q, positions, cfg.max_period), rope(k, positions, cfg.max_period)
-    kv_cache[rows, 0, positions % ctx] = k
-    kv_cache[rows, 1, positions % ctx] = v
-    keys, values = kv_cache[rows].unbind(1)  # [B, context, H, D]
+    idx = positions % ctx
+    if kv_scale is None:
+        kv_cache[rows, 0, idx], kv_cache[rows, 1, idx] = k, v
+        keys, values = kv_cache[rows].unbind(1)  # [B, context, H, D]
+    else:
+        kv_cache[rows, 0, idx], kv_scale[rows, 0, :, idx] = quantize_kv(k)
+        kv_cache[rows, 1, idx], kv_scale[rows, 1, :, idx] = quantize_kv(v)
+        keys, values = dequantize_kv(kv_cache[rows], kv_scale[rows].transpose(-1, -2)).unbind(1)
     visible = torch.arange(ctx, device=x.device)[None, :] <= positions[:, None]
     attn = attention(q, keys, values, visible)
     return x + linear(w, f"{p}.self_attn.out_proj.weight", attn.reshape(B, H * D))

@@ -1,7 +1,7 @@
 """Replay golden stream files through the engine and compare with their recorded outputs.
 
 python -m moshivis.replay --golden DIR --backend torch|triton --dtype float32|bfloat16
-                          [--weights bf16|int8] [--teacher-force] --out OUTDIR
+                          [--weights bf16|int8] [--kv-dtype auto|int8] [--teacher-force] --out OUTDIR
 
 DIR holds `config.json`, `model.safetensors` and `stream_*.safetensors` (golden/tiny/README.md
 gives the layout). Any sizes work: everything is read from the config and the files.
@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from . import checkpoint
 from .config import MoshiVisConfig
 from .engine import Engine, SamplingParams
+from .state import add_kv_dtype_arg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -91,11 +92,11 @@ def load_weights(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype, devi
 
 
 def load_engine(golden: str | Path, backend: str, dtype: torch.dtype, device: str, weights: str,
-                max_streams: int) -> tuple[MoshiVisConfig, Engine]:
+                max_streams: int, kv_dtype: str = "auto") -> tuple[MoshiVisConfig, Engine]:
     golden = Path(golden)
     cfg = MoshiVisConfig.from_json(golden / "config.json")
     w = load_weights(golden / "model.safetensors", cfg, dtype, device, weights)
-    return cfg, Engine(cfg, w, max_streams=max_streams, backend=backend)
+    return cfg, Engine(cfg, w, max_streams=max_streams, backend=backend, kv_dtype=kv_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"],
                     help="bf16: dense weights in --dtype; int8: weight-only int8 (a dense file is quantized on load)")
+    add_kv_dtype_arg(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-force", action="store_true",
                     help="feed each file's sampled_tokens back as the model's own tokens")
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no stream_*.safetensors in {args.golden}")
     streams = {f: read_stream(f) for f in files}
     max_streams = max(s["user_audio_tokens"].shape[0] for s in streams.values())
-    _, engine = load_engine(args.golden, args.backend, DTYPES[args.dtype], args.device, args.weights, max_streams)
+    _, engine = load_engine(args.golden, args.backend, DTYPES[args.dtype], args.device, args.weights, max_streams,
+                            args.kv_dtype)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f, stream in streams.items():

@@ -65,7 +65,7 @@ def golden_streams(golden_dir) -> dict[str, dict[str, torch.Tensor]]:
 def one_thread():
     """One torch thread for a module (`pytest.mark.usefixtures("one_thread")`): tiny tensors gain
     nothing from threads, and on the shared 2-core machine idle OpenMP threads spinning against other
-    processes made such tests 10-100x slower."""
+    processes made such tests 10-100x slower (measured on the 600-frame quality test too)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

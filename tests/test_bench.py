@@ -66,22 +66,30 @@ def test_frame_latency_counts_but_never_times_the_interpreted_triton_backend(tmp
 def test_concurrency_writes_json_with_a_labelled_capacity_model(tmp_path, capsys):
     out = tmp_path / "cc.json"
     assert concurrency.main(["--preset", "tiny", "--streams", "1", "2", "--frames", "2", "--warmup", "1",
-                             "--threads", "1", "--json", str(out)]) == 0
+                             "--kv-dtype", "int8", "--threads", "1", "--json", str(out)]) == 0
     doc = load(out)
     rows, cap = doc["results"], doc["capacity"]
     assert [r["streams"] for r in rows] == [1, 2]
     for r in rows:
         assert {"p50_ms", "p99_ms", "deadline_misses", "miss_rate", "holds_budget", "launches_per_frame"} <= set(r)
         assert r["start_position"] == preset("tiny").context and r["holds_budget"] == (r["p99_ms"] <= FRAME_BUDGET_MS)
+        # the int8 cache the engine allocated per stream is what the memory model counts
+        assert r["kv_dtype"] == "int8" and r["kv_bytes_per_stream"] == cap["bytes_per_stream_by_part"]["self_attention_kv"]
     assert cap["streams_fit_memory"] is None and "not a measurement" in cap["source"]
     assert cap["max_streams_p99_within_budget"] == max([r["streams"] for r in rows if r["holds_budget"]], default=0)
-    model = {(m["device"], m["weights"]): m for m in cap["model"]}
-    assert all(m["source"] == "model" and m["preset"] == "moshika-vis" for m in model.values())
-    h100 = model[("H100 SXM 80 GB", "bf16")]
+    model = {(m["device"], m["weights"], m["kv"]): m for m in cap["model"]}
+    assert len(model) == 8 and all(m["source"] == "model" and m["preset"] == "moshika-vis" for m in model.values())
+    h100 = model[("H100 SXM 80 GB", "bf16", "bf16")]
     # (78 GiB - 14.7 GiB of bf16 weights - 3 GiB reserve) / 1.59 GB per stream
     assert h100["bytes_per_stream"] == pytest.approx(1.5897e9, rel=1e-3) and h100["streams_fit_memory"] == 40
-    assert model[("H100 SXM 80 GB", "int8")]["streams_fit_memory"] > 40
-    assert model[("H200 141 GB", "bf16")]["streams_fit_memory"] > 2 * 38
+    assert model[("H100 SXM 80 GB", "int8", "bf16")]["streams_fit_memory"] > 40
+    assert model[("H200 141 GB", "bf16", "bf16")]["streams_fit_memory"] > 2 * 38
+    # an int8 cache: 0.81 GB + 16.8 MB of image K/V per stream; the KV part is what a slot allocates
+    h100_int8 = model[("H100 SXM 80 GB", "bf16", "int8")]
+    assert h100_int8["bytes_per_stream"] == pytest.approx(0.8278e9, rel=1e-3) and h100_int8["streams_fit_memory"] == 78
+    assert model[("H100 SXM 80 GB", "int8", "int8")]["streams_fit_memory"] == 87  # the target: >= 80
+    for m in model.values():
+        assert m["bytes_per_stream"] - m["kv_bytes_allocated_per_stream"] == pytest.approx(16.8e6, rel=0.01)
     assert "NOT measured" in capsys.readouterr().out
 
 
@@ -184,6 +192,9 @@ def test_roofline_byte_model_matches_spec_section_9():
     assert many["self_attention_kv"] == pytest.approx(63e9, rel=0.01)  # 40 streams at full context
     per_stream = stream_bytes(cfg, 2)
     assert per_stream["self_attention_kv"] == StreamState.kv_bytes_per_stream(cfg, torch.bfloat16)
+    # an int8 cache: 1 byte per element plus a 4-byte scale per 128-element head vector
+    int8_kv = frame_bytes(cfg, 1, cfg.context, 1, 2, 2, kv_dtype="int8")["self_attention_kv"]
+    assert int8_kv == parts["self_attention_kv"] * (128 + 4) / 256 == stream_bytes(cfg, 2, "int8")["self_attention_kv"]
     assert per_stream["image_kv"] == pytest.approx(16.8e6, rel=0.01)
     # resident weights: every key once (the shared cross-attention projection is stored once)
     assert model_weight_bytes(cfg, 2, 2) == pytest.approx(15.8e9, rel=0.01)

@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from moshivis import Engine, ImageError, SamplingParams, StreamError
+from moshivis import Engine, ImageError, SamplingParams, StreamError, preset
 from moshivis import gates as gates_module
 from moshivis.replay import run_stream
+from moshivis.state import KV_DTYPES, StreamState
 
 GREEDY = SamplingParams.greedy()
 
@@ -87,6 +88,32 @@ def test_engine_rejects_bad_construction(tiny_cfg, tiny_weights):
         Engine(tiny_cfg, tiny_weights, max_streams=0)
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         Engine(tiny_cfg, tiny_weights, backend="jax")
+    with pytest.raises(ValueError, match=r"kv_dtype must be one of \['auto', 'int8'\], got 'int4'"):
+        Engine(tiny_cfg, tiny_weights, kv_dtype="int4")
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "moshika-vis"])
+def test_int8_kv_halves_the_bytes_a_stream_allocates(tiny_cfg, tiny_weights, preset_name):
+    """The cache tensors as allocated (the real config's on the meta device: shapes and dtypes, no memory):
+    int8 K/V plus one fp32 scale per token per head is (head_dim + 4) / (2 head_dim) of bf16's bytes
+    (0.516 at head_dim 128), whatever the compute dtype; the memory model counts exactly those bytes."""
+    cfg = preset(preset_name)
+    allocated = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for kv_dtype in KV_DTYPES:
+            state = StreamState(cfg, 3, dtype, torch.device("meta"), kv_dtype)
+            allocated[dtype, kv_dtype] = state.kv_bytes_allocated() / 3
+            assert allocated[dtype, kv_dtype] == StreamState.kv_bytes_per_stream(cfg, dtype, kv_dtype)
+    D = cfg.head_dim
+    assert allocated[torch.bfloat16, "int8"] / allocated[torch.bfloat16, "auto"] == (D + 4) / (2 * D)
+    assert allocated[torch.float32, "int8"] == allocated[torch.bfloat16, "int8"]
+    if preset_name == "moshika-vis":  # the issue's 1.57 GB per stream at 3000 frames, now 0.81 GB
+        assert allocated[torch.bfloat16, "auto"] == 32 * 2 * 4096 * 3000 * 2
+        assert allocated[torch.bfloat16, "int8"] == 32 * 2 * 3000 * (4096 + 32 * 4)
+    engine = Engine(tiny_cfg, tiny_weights, max_streams=2, kv_dtype="int8")  # what an engine allocates
+    assert engine.state.kv.dtype == torch.int8 and engine.state.kv_scale.dtype == torch.float32
+    assert engine.state.kv_scale.shape == (tiny_cfg.num_layers, 2, 2, tiny_cfg.num_heads, tiny_cfg.context)
+    assert engine.state.kv_bytes_allocated() == 2 * StreamState.kv_bytes_per_stream(tiny_cfg, torch.float32, "int8")
 
 
 def test_reused_slot_starts_fresh(engine, golden_streams):

@@ -75,6 +75,19 @@ def test_image_and_noimage_streams_share_a_batch(engine, triton_engine, golden_s
         torch.testing.assert_close(audio[b], expected["audio_logits"][row], atol=ATOL[backend], rtol=0)
 
 
+def test_int8_kv_backends_draw_the_same_tokens(tiny_cfg, tiny_weights, golden_streams):
+    """With an int8 self-attention cache both backends quantize by the same rule: the image stream's two
+    rows, free-running (greedy) over 8 frames (the 6-frame context wraps twice), give identical tokens
+    and logits within the Triton tolerance."""
+    stream = dict(golden_streams["stream_image_b2"])
+    stream["user_audio_tokens"] = stream["user_audio_tokens"][..., :8]
+    runs = [run_stream(Engine(tiny_cfg, dict(tiny_weights), max_streams=2, backend=b, kv_dtype="int8"), stream)
+            for b in ("torch", "triton")]
+    assert torch.equal(runs[0]["output_tokens"], runs[1]["output_tokens"])
+    for key in ("text_logits", "audio_logits"):
+        torch.testing.assert_close(runs[1][key], runs[0][key], atol=ATOL["triton"], rtol=0)
+
+
 def test_image_embeddings_match_golden(tiny_weights, golden_streams):
     from moshivis.reference import image_embeddings
     s = golden_streams["stream_image_b2"]

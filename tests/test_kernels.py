@@ -30,8 +30,8 @@ from moshivis_kernels import cross_attention as xa
 from moshivis_kernels import sampling as S
 from moshivis_kernels.embedding import embed_tokens, embed_tokens_reference
 from moshivis_kernels.linear import launch_config, linear, linear_reference, quantize_rowwise
-from moshivis_kernels.self_attention import (self_attention_decode, self_attention_decode_reference,
-                                             self_attention_workspace)
+from moshivis_kernels.self_attention import (dequantize_kv, quantize_kv, self_attention_decode,
+                                             self_attention_decode_reference, self_attention_workspace)
 
 import triton  # noqa: E402  (after moshivis_kernels, which picks the interpreter)
 import triton.language as tl  # noqa: E402
@@ -93,6 +93,16 @@ def _written(kv_shape, rows, positions) -> torch.Tensor:
     return mask
 
 
+def _padded_batch(S: int, B: int, ctx: int, gen: torch.Generator):
+    """(rows, pad, positions) of B streams in S slots, about half of them padding (-1; row 0 is, row 1 is
+    not), at positions of every scenario."""
+    rows = torch.randperm(S, generator=gen)[:B]
+    pad = torch.rand(B, generator=gen) < 0.5
+    pad[0], pad[1] = True, False
+    rows[pad] = -1
+    return rows, pad, _positions("mixed", B, ctx, gen)
+
+
 # ---- self-attention decode ----------------------------------------------------------------------
 @pytest.mark.parametrize("scenario", ["filling", "wrap", "far", "mixed"])
 @pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
@@ -131,11 +141,7 @@ def test_self_attention_decode_padding_rows(gen, H, D, ctx, splits):
     S = B + 2
     kv = torch.randn(S, 2, ctx, H, D, generator=gen)
     before = kv.clone()
-    rows = torch.randperm(S, generator=gen)[:B]
-    pad = torch.rand(B, generator=gen) < 0.5
-    pad[0], pad[1] = True, False
-    rows[pad] = -1
-    positions = _positions("mixed", B, ctx, gen)
+    rows, pad, positions = _padded_batch(S, B, ctx, gen)
     qkv = torch.randn(B, 3 * H * D, generator=gen)
     kv_ref = kv.clone()
     want = self_attention_decode_reference(qkv, kv_ref, rows, positions)
@@ -147,18 +153,23 @@ def test_self_attention_decode_padding_rows(gen, H, D, ctx, splits):
     assert torch.equal(kv.transpose(1, 2)[~written], before.transpose(1, 2)[~written])
 
 
-def test_self_attention_decode_streaming_matches_model_reference(gen):
-    """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
-    the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
-    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)  # head_dim 128: two splits
-    dim, H, D, ctx = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context
-    p = "llm.transformer.layers.0"
+def _self_attention_layer(gen: torch.Generator):
+    """(cfg, weights, rows, positions): layer 0's self-attention block at dim 256, 2 heads (head_dim 128: two
+    splits), context 37, random weights; three streams in slots 5, 1, 3 filling, at the wrap, far past it."""
+    cfg = dataclasses.replace(tiny(), dim=256, num_heads=2, context=37)
+    dim, p = cfg.dim, "llm.transformer.layers.0"
     w = {f"{p}.norm1.alpha": torch.rand(1, 1, dim, generator=gen) + 0.5,
          f"{p}.self_attn.in_proj_weight": torch.randn(3 * dim, dim, generator=gen) / math.sqrt(dim),
          f"{p}.self_attn.out_proj.weight": torch.randn(dim, dim, generator=gen) / math.sqrt(dim)}
+    return cfg, w, torch.tensor([5, 1, 3]), torch.tensor([0, cfg.context - 6, 5 * cfg.context - 3])
+
+
+def test_self_attention_decode_streaming_matches_model_reference(gen):
+    """Frames of moshivis.reference.self_attention against qkv projection + kernel + out projection, with
+    the kernel's own reference beside them; three streams fill, wrap and run far past the context."""
+    cfg, w, rows, positions = _self_attention_layer(gen)
+    dim, H, D, ctx, p = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context, "llm.transformer.layers.0"
     S = 6
-    rows = torch.tensor([5, 1, 3])
-    positions = torch.tensor([0, ctx - 6, 5 * ctx - 3])
     kv_model = torch.randn(S, 2, ctx, H, D, generator=gen)  # history of slots' previous users
     kv_kernel, kv_mine = kv_model.clone(), kv_model.clone()
     workspace = self_attention_workspace(3, H, D, ctx, "cpu")
@@ -254,12 +265,134 @@ def _sa_inputs(H=2, D=16, ctx=5, B=3, S=4):
                         workspace=torch.empty(10**6, dtype=torch.float64)), "workspace"),
     (lambda a: a.update(kv=torch.randn(4, 2, 40, 2, 128), qkv=torch.randn(3, 768),  # made for another batch
                         workspace=self_attention_workspace(4, 2, 128, 40, "cpu")), "workspace"),
+    (lambda a: a.update(kv=a["kv"].to(torch.int8)), "kv_scale"),  # int8 without its scales
+    (lambda a: a.update(kv_scale=torch.rand(4, 2, 2, 5)), "kv_scale"),  # scales beside a float cache
+    (lambda a: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.rand(4, 2, 5, 2)), "kv_scale"),  # [.., ctx, H]
+    (lambda a: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.rand(4, 2, 5, 2).transpose(2, 3)), "kv_scale"),
+    (lambda a: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.rand(4, 2, 2, 5).half()), "kv_scale"),
+    (lambda a: a.update(kv=a["kv"].to(torch.uint8), kv_scale=torch.rand(4, 2, 2, 5)), "kv"),
 ])
 def test_self_attention_decode_rejects_bad_inputs(change, name):
     args = _sa_inputs()
     change(args)
     with pytest.raises((ValueError, TypeError), match=name):
         self_attention_decode(args.pop("qkv"), args.pop("kv"), args.pop("rows"), args.pop("positions"), **args)
+
+
+# ---- self-attention decode on an INT8 cache ------------------------------------------------------
+# fp32 in the interpreter. The kernel scales scores and weights by the int8 scales in registers where the
+# reference dequantizes the window in memory: measured max |error| 7e-7 on these shapes, held to 1e-5.
+# What it appends is the reference's: V to the bit (same arithmetic on the same numbers), K within one
+# int8 step (RoPE's cos/sin may differ by an ulp between the interpreter and PyTorch).
+FP32_TOL_int8kv = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _int8_cache(S, ctx, H, D, gen):
+    """A random INT8 cache: kv int8 [S, 2, ctx, H, D] in [-127, 127], scales [S, 2, H, ctx] fp32 > 0."""
+    return (torch.randint(-127, 128, (S, 2, ctx, H, D), generator=gen, dtype=torch.int8),
+            torch.rand(S, 2, H, ctx, generator=gen) * 0.05 + 1e-3)
+
+
+def _assert_int8_cache(kv, scale, kv_ref, scale_ref, before, written):
+    """Appended entries as the reference appended them (V exact, K within one step), the rest untouched."""
+    at = lambda t: t.transpose(1, 2)[written]  # [n, 2, H, D] (cache) or [n, 2, H] (scales)  # noqa: E731
+    scales = lambda t: t.permute(0, 3, 1, 2)[written]  # noqa: E731
+    assert torch.equal(at(kv)[:, 1], at(kv_ref)[:, 1]) and torch.equal(scales(scale)[:, 1], scales(scale_ref)[:, 1])
+    assert (at(kv)[:, 0].int() - at(kv_ref)[:, 0].int()).abs().max() <= 1
+    torch.testing.assert_close(scales(scale)[:, 0], scales(scale_ref)[:, 0], atol=0, rtol=1e-6)
+    assert torch.equal(kv.transpose(1, 2)[~written], before[0].transpose(1, 2)[~written])
+    assert torch.equal(scale.permute(0, 3, 1, 2)[~written], before[1].permute(0, 3, 1, 2)[~written])
+
+
+@pytest.mark.parametrize("scenario", ["filling", "wrap", "far", "mixed"])
+@pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
+def test_self_attention_decode_int8_kv_matches_reference(gen, H, D, ctx, splits, scenario):
+    """Windows shorter than the context (filling), at the wrap, far past it; one and several splits."""
+    B = int(torch.randint(1, 10, (1,), generator=gen))
+    S = 2 * B + 3
+    kv, scale = _int8_cache(S, ctx, H, D, gen)
+    before = kv.clone(), scale.clone()
+    rows = torch.randperm(S, generator=gen)[:B]
+    positions = _positions(scenario, B, ctx, gen)
+    qkv = torch.randn(B, 3 * H * D + 5, generator=gen)[:, : 3 * H * D]  # row stride != width
+    out = torch.full((B, H * D + 3), NAN)[:, : H * D]
+
+    kv_ref, scale_ref = kv.clone(), scale.clone()
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions, kv_scale=scale_ref)
+    with count_launches() as launches:
+        got = self_attention_decode(qkv, kv, rows, positions, kv_scale=scale, out=out)
+    assert got is out and launches == {"self_attention_decode": 1}
+    torch.testing.assert_close(got, want, **FP32_TOL_int8kv)
+    _assert_int8_cache(kv, scale, kv_ref, scale_ref, before, _written(kv.shape, rows, positions))
+
+
+@pytest.mark.parametrize("H, D, ctx, splits", SA_SHAPES)
+def test_self_attention_decode_int8_kv_padding_rows(gen, H, D, ctx, splits):
+    """Padding rows (-1) write no cache and attend to their own quantized token: v within half a step."""
+    B = int(torch.randint(3, 10, (1,), generator=gen))
+    S = B + 2
+    kv, scale = _int8_cache(S, ctx, H, D, gen)
+    before = kv.clone(), scale.clone()
+    rows, pad, positions = _padded_batch(S, B, ctx, gen)
+    qkv = torch.randn(B, 3 * H * D, generator=gen)
+    kv_ref, scale_ref = kv.clone(), scale.clone()
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions, kv_scale=scale_ref)
+    got = self_attention_decode(qkv, kv, rows, positions, kv_scale=scale, out=torch.full((B, H * D), NAN))
+    torch.testing.assert_close(got, want, **FP32_TOL_int8kv)
+    v = qkv[pad, 2 * H * D:].view(-1, H, D)
+    step = v.abs().amax(-1, keepdim=True) / 127
+    assert ((got[pad].view(-1, H, D) - v).abs() <= step / 2 * (1 + 1e-6)).all()
+    _assert_int8_cache(kv, scale, kv_ref, scale_ref, before, _written(kv.shape, rows[~pad], positions[~pad]))
+
+
+def test_int8_kv_rounding_rule(gen):
+    """The rule by hand: scale = max|x| / 127, round half to even, zero vectors stay zero, |error| <= scale / 2;
+    in PyTorch (quantize_kv / dequantize_kv) and in the kernel's append (V, which RoPE does not touch)."""
+    H, D, ctx = 2, 16, 5
+    ties = torch.tensor([127, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -126.5, 0.25, -0.75, 126.5, 0, 0, 0, 0, 0])
+    want = torch.tensor([127, 0, 2, 2, 0, -2, 4, -126, 0, -1, 126, 0, 0, 0, 0, 0], dtype=torch.int8)
+    v = torch.randn(3, H, D, generator=gen)
+    v[0, 0], v[0, 1], v[1, 0] = ties, 0.0, ties * 2.0 ** -10  # scale exactly 1, 0 and 2^-10: ties stay ties
+    q, scale = quantize_kv(v)
+    assert torch.equal(q[0, 0], want) and torch.equal(q[1, 0], want) and not q[0, 1].any()
+    assert scale[0, 0] == 1.0 and scale[0, 1] == 0.0 and scale[1, 0] == 2.0 ** -10
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.abs().amax(-1)[scale > 0].eq(127).all()
+    assert ((dequantize_kv(q, scale) - v).abs() <= scale[..., None] / 2).all()
+
+    kv, kv_scale = _int8_cache(4, ctx, H, D, gen)
+    qkv = torch.cat([torch.randn(3, 2 * H * D, generator=gen), v.flatten(1)], dim=1)
+    rows, positions = torch.tensor([3, 0, 1]), torch.tensor([2, ctx + 4, 0])
+    self_attention_decode(qkv, kv, rows, positions, kv_scale=kv_scale)
+    assert torch.equal(kv[rows, 1, positions % ctx], q) and torch.equal(kv_scale[rows, 1, :, positions % ctx], scale)
+
+
+def test_self_attention_decode_int8_kv_streaming_matches_model_reference(gen):
+    """Frames of moshivis.reference.self_attention on an INT8 cache against qkv projection + kernel + out
+    projection; three streams fill, wrap and run far past the context, each frame on the cache the
+    kernel's previous frames left."""
+    cfg, w, rows, positions = _self_attention_layer(gen)
+    dim, H, D, ctx, p = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.context, "llm.transformer.layers.0"
+    kv_model, scale_model = _int8_cache(6, ctx, H, D, gen)  # history of slots' previous users
+    kv_kernel, scale_kernel = kv_model.clone(), scale_model.clone()
+    for _ in range(9):
+        x = torch.randn(3, dim, generator=gen)
+        want = R.self_attention(w, cfg, 0, x, kv_model, rows, positions, scale_model)
+        qkv = F.linear(R.rms_norm(x, w[f"{p}.norm1.alpha"]), w[f"{p}.self_attn.in_proj_weight"])
+        attn = self_attention_decode(qkv, kv_kernel, rows, positions, kv_scale=scale_kernel, max_period=cfg.max_period)
+        got = x + F.linear(attn, w[f"{p}.self_attn.out_proj.weight"])
+        torch.testing.assert_close(got, want, **FP32_TOL_int8kv)
+        assert (kv_kernel.int() - kv_model.int()).abs().max() <= 1
+        torch.testing.assert_close(scale_kernel, scale_model, atol=0, rtol=1e-6)
+        positions = positions + 1
+
+
+def test_self_attention_decode_int8_kv_compiles_for_sm90_with_128bit_loads_and_no_spills():
+    """The int8-KV kernel at the real shapes (one stream, 16 splits; 64 streams): K/V tiles load 128 bits
+    (16 int8 per thread, two loads per tile each for K and V), no byte-wide global loads, no spills."""
+    report = compile_for_sm90("self_attention", ["int8kv"])
+    assert len(report) == 2, report
+    for name, r in report.items():
+        assert r["spills"] == 0 and r["max_load_bits"] == 128 and r["loads_128"] >= 4 and r["loads_8"] == 0, (name, r)
 
 
 @pytest.mark.gpu(reason="needs a CUDA GPU (only there does the last split vary)")
@@ -279,6 +412,34 @@ def test_self_attention_decode_repeatable_and_graph_replays_gpu():
         assert torch.equal(self_attention_decode(qkv, kv, rows, positions, workspace=ws), first)
     assert_graph_replays(lambda: self_attention_decode(qkv, kv, rows, positions, workspace=ws, out=out), out, first,
                          ws[-H:].view(torch.int32))
+
+
+@pytest.mark.gpu(reason="needs a CUDA GPU (bf16 and the native rounding of the append)")
+def test_self_attention_decode_int8_kv_real_sizes_gpu():
+    """Real sizes, bf16 qkv, an INT8 cache: the appended V is quantize_kv's bits (the native division and
+    rounding are the rule's), K within one step; the output within bf16 rounding of the reference (2e-2 on
+    O(1) values, bf16 steps are 4e-3); repeatable; a CUDA graph of the call replays to the same bits."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, D, ctx, B = 32, 128, 3000, 3  # six splits
+    kv = torch.randint(-127, 128, (4, 2, ctx, H, D), device="cuda", generator=g, dtype=torch.int8)
+    scale = torch.rand(4, 2, H, ctx, device="cuda", generator=g) * 0.05 + 1e-3
+    qkv = torch.randn(B, 3 * H * D, device="cuda", generator=g).bfloat16()
+    rows, positions = torch.tensor([1, 3, 0], device="cuda"), torch.tensor([5 * ctx + 7, 10, ctx - 1], device="cuda")
+    kv_ref, scale_ref = kv.clone(), scale.clone()
+    want = self_attention_decode_reference(qkv, kv_ref, rows, positions, kv_scale=scale_ref)
+    ws = self_attention_workspace(B, H, D, ctx, "cuda")
+    run = lambda out=None: self_attention_decode(qkv, kv, rows, positions, kv_scale=scale, workspace=ws,  # noqa: E731
+                                                 out=out)
+    first = run().clone()
+    idx = positions % ctx
+    assert torch.equal(kv[rows, 1, idx], kv_ref[rows, 1, idx])
+    assert torch.equal(scale[rows, 1, :, idx], scale_ref[rows, 1, :, idx])
+    assert (kv[rows, 0, idx].int() - kv_ref[rows, 0, idx].int()).abs().max() <= 1
+    torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=2e-2)
+    for _ in range(5):  # re-appends the same k, v
+        assert torch.equal(run(), first)
+    out = torch.empty_like(first)
+    assert_graph_replays(lambda: run(out), out, first, ws[-B * H:].view(torch.int32))
 
 
 # ---- input embedding ----------------------------------------------------------------------------
@@ -762,9 +923,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import json, re, sys
     from bench.audit import compile_case
     import importlib
-    mod = importlib.import_module("moshivis_kernels.linear")
-    import triton
-    from triton.backends.compiler import GPUTarget
+    mod = importlib.import_module(f"moshivis_kernels.{sys.argv[2]}")
     wanted = sys.argv[1].split(",")
     report = {}
     for case in mod.audit_cases():
@@ -772,21 +931,27 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             continue
         r = compile_case(case, 90)
         report[case["name"]] = {"spills": r["spills"], "max_load_bits": r["max_load_bits"],
-                                "loads_128": r["global_loads"].get(128, 0)}
+                                "loads_128": r["global_loads"].get(128, 0), "loads_8": r["global_loads"].get(8, 0)}
     print(json.dumps(report))
 """)
+
+
+def compile_for_sm90(module: str, wanted: list[str]) -> dict:
+    """bench.audit's compile (sm_90a, no GPU needed) of `module`'s audit cases whose names contain one of
+    `wanted`, in a subprocess without the interpreter: name -> spills, widest load, 128-bit and 8-bit loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, ",".join(wanted), module], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_gemv_compiles_for_sm90_with_128bit_loads_and_no_spills():
     """bench.audit's compile (sm_90a, no GPU needed) of GEMV cases: 16-byte weight loads (4 per step
     for int8, 8 for bf16, plus x), no spills; a normed tl.dot case and the stats kernel: no spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     wanted = ["gemv.int8.attn_out_proj.M1", "gemv.bf16.attn_out_proj.M1", "gemv.bf16.attn_in_proj.M1",
               "gemv.int8.ffn_linear_in.M1", "mm.bf16.attn_in_proj.M64", "norm_stats.attn_in_proj"]
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, ",".join(wanted)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = compile_for_sm90("linear", wanted)
     assert len(report) == len(wanted), report
     for name, r in report.items():
         assert r["spills"] == 0 and r["max_load_bits"] == 128, (name, r)

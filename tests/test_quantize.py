@@ -1,12 +1,15 @@
-"""INT8 weight-only checkpoints: quantize, save, load, replay; model-level quality on golden tiny."""
+"""INT8 weight-only checkpoints: quantize, save, load, replay; model-level quality on golden tiny. The
+int8 self-attention KV cache's model-level quality, alone and with INT8 weights."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moshivis import CheckpointError, Engine, checkpoint
+from moshivis import CheckpointError, Engine, checkpoint, preset, random_init
 from moshivis.checkpoint import quantized_keys, scale_key
 from moshivis.quantize import main as quantize_main, quantize_weights
 from moshivis.replay import run_stream
@@ -52,6 +55,52 @@ def test_teacher_forced_quality_on_golden_tiny(int8_file, tiny_cfg, tiny_weights
             agree = float((ref[key].argmax(-1) == got[key].argmax(-1)).float().mean())
             print(f"{name} {key}: SQNR {db:.1f} dB, top-1 agreement {agree:.1%}")
             assert db >= 25 and agree >= 0.95, (name, key, db, agree)
+
+
+def quality(ref: dict, got: dict) -> dict[str, tuple[float, float]]:
+    """(SQNR dB, top-1 agreement) of got's text and audio logits against ref's."""
+    return {key: (sqnr_db(ref[key], got[key]), float((ref[key].argmax(-1) == got[key].argmax(-1)).float().mean()))
+            for key in ("text_logits", "audio_logits")}
+
+
+def assert_quality(name: str, ref: dict, runs: dict[str, dict]) -> None:
+    """The int8 KV cache keeps >= 30 dB and >= 97% top-1 against the fp32 cache (fp32 compute); with INT8
+    weights too, >= 25 dB and >= 95% (the INT8-weights test's bar). Printed with -s."""
+    bars = {"int8 KV": (30, 0.97), "int8 KV + int8 weights": (25, 0.95)}
+    for label, run in runs.items():
+        for key, (db, agree) in quality(ref, run).items():
+            print(f"{name} {label} {key}: SQNR {db:.1f} dB, top-1 agreement {agree:.1%}")
+            assert db >= bars[label][0] and agree >= bars[label][1], (name, label, key, db, agree)
+
+
+def test_int8_kv_quality_on_golden_tiny(int8_file, tiny_cfg, tiny_weights, golden_streams):
+    """Teacher-forced logits with an int8 self-attention cache against the fp32 cache, fp32 compute."""
+    q = checkpoint.load(int8_file, tiny_cfg, weights="int8")
+    for name, stream in golden_streams.items():
+        ref = run_stream(Engine(tiny_cfg, tiny_weights, max_streams=2), stream, teacher_force=True)
+        assert_quality(name, ref, {
+            "int8 KV": run_stream(Engine(tiny_cfg, tiny_weights, max_streams=2, kv_dtype="int8"), stream,
+                                  teacher_force=True),
+            "int8 KV + int8 weights": run_stream(Engine(tiny_cfg, q, max_streams=2, kv_dtype="int8"), stream,
+                                                 teacher_force=True)})
+
+
+def test_int8_kv_quality_on_a_600_frame_small_stream(one_thread):
+    """The small preset (seeded random weights) with a 100-frame context, one stream with an image, 600
+    frames (the ring buffer wraps 6 times), teacher-forced with random tokens of its own: logits with an
+    int8 cache against the fp32 cache."""
+    cfg = dataclasses.replace(preset("small"), context=100)
+    w = random_init(cfg, seed=3)
+    gen = torch.Generator().manual_seed(600)
+    T = 600
+    stream = {"user_audio_tokens": torch.randint(0, cfg.audio_card, (1, cfg.num_audio_in, T), generator=gen),
+              "sampled_tokens": torch.cat([torch.randint(0, cfg.text_card, (1, 1, T), generator=gen),
+                                           torch.randint(0, cfg.audio_card, (1, cfg.dep_q, T), generator=gen)], 1),
+              "image_features": torch.randn(1, cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)}
+    ref = run_stream(Engine(cfg, w, kv_dtype="auto"), stream, teacher_force=True)
+    int8_kv = run_stream(Engine(cfg, w, kv_dtype="int8"), stream, teacher_force=True)
+    both = run_stream(Engine(cfg, quantize_weights(dict(w), cfg), kv_dtype="int8"), stream, teacher_force=True)
+    assert_quality("small, 600 frames", ref, {"int8 KV": int8_kv, "int8 KV + int8 weights": both})
 
 
 def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):

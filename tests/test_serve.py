@@ -35,7 +35,7 @@ from moshivis import protocol as P
 from moshivis.client import Client, ServerError
 from moshivis.client import main as client_main
 from moshivis.serve import MediaError, Server, ServerConfig
-from moshivis.serve.options import build_media
+from moshivis.serve.options import add_engine_args, build_engine, build_media, max_streams_for_budget, memory_model
 from test_e2e import make_chat_folder, tone
 
 HOST = "127.0.0.1"
@@ -721,6 +721,25 @@ def test_server_and_client_command_lines(cfg, weights, gen, tmp_path):
     sid = engine.open_stream(seed=4, image=image)
     want = torch.stack([engine.step(user[:, t][None], [sid])[0] for t in range(9)], 1)
     assert torch.equal(result["tokens"], want)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_memory_model_and_budget_know_the_kv_dtype(cfg, kv_dtype):
+    """`--kv-dtype` reaches the engine; the memory model counts the bytes the engine allocates (an int8
+    cache with its scales, tiny sizes: 2 layers x K,V x 6 positions x (64 int8 + 4 heads x 4 B) = 1920 B
+    per stream, fp32: 6144 B) and --memory-budget-mb admits as many streams as fit beside an image slot
+    each (6144 B of fp32 image K/V)."""
+    ap = argparse.ArgumentParser()
+    add_engine_args(ap)
+    budget = 10 * 2 ** 20
+    args = ap.parse_args(["--preset", "tiny", "--kv-dtype", kv_dtype, "--max-streams", "100000",
+                          "--memory-budget-mb", "10", "--device", "cpu"])
+    per_stream = {"auto": 6144, "int8": 1920}[kv_dtype] + 6144
+    assert max_streams_for_budget(cfg, torch.float32, budget, kv_dtype) == budget // per_stream
+    engine = build_engine(args)
+    assert engine.kv_dtype == kv_dtype and engine.max_streams == budget // per_stream
+    mem = memory_model(cfg, engine.dtype, engine.max_streams, engine.pool.capacity, kv_dtype)
+    assert mem["kv_bytes"] == engine.state.kv_bytes_allocated() and mem["image_bytes"] == engine.pool.kv.nbytes
 
 
 def test_load_generator_runs(tmp_path):

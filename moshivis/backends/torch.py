@@ -69,7 +69,8 @@ class TorchBackend:
         return R.embed_inputs(self.w, self.cfg, inputs)
 
     def self_attention(self, i, x, rows, positions):
-        return R.self_attention(self.w, self.cfg, i, x, self.state.kv[i], rows, positions)
+        kv, kv_scale = self.state.layer_kv(i)
+        return R.self_attention(self.w, self.cfg, i, x, kv, rows, positions, kv_scale)
 
     def cross_attention(self, i, x, image_slots, gate_mean):
         slots = image_slots.clamp(min=0)

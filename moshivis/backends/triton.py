@@ -209,8 +209,9 @@ class TritonBackend:
             embed_tokens(b.inputs, w["llm.text_emb.weight"], self.audio_emb, out=x)
             for i, layer in enumerate(self.layers):
                 self._linear(b, x, layer["in_proj"], norm="rms", norm_alpha=layer["norm1"], out=b.qkv)
-                self_attention_decode(b.qkv, self.state.kv[i], fb.rows, fb.positions, max_period=float(cfg.max_period),
-                                      out=b.attn, workspace=b.attention_ws)
+                kv, kv_scale = self.state.layer_kv(i)
+                self_attention_decode(b.qkv, kv, fb.rows, fb.positions, kv_scale=kv_scale,
+                                      max_period=float(cfg.max_period), out=b.attn, workspace=b.attention_ws)
                 self._linear(b, b.attn, layer["out_proj"], residual=x, out=x)
                 with phase("cross_attention"):
                     gated_cross_attention(x, image_kv=self.pool.kv, slots=fb.image_slots, out=x, workspace=b.cross_ws,

@@ -66,7 +66,7 @@ async def _serve(args) -> None:
         media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
     config = server_config(args, args.host, args.port)
     server = await Server(engine, config, media, ssl=tls).start()
-    mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity)
+    mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity, engine.kv_dtype)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(server.shutdown(f"signal {s.name}")))

@@ -10,7 +10,7 @@ import torch
 from .. import checkpoint
 from ..config import MoshiVisConfig, preset
 from ..engine import Engine
-from ..state import StreamState
+from ..state import StreamState, add_kv_dtype_arg
 from .config import MODES, ServerConfig
 from .media import Media, MediaError
 
@@ -18,17 +18,19 @@ log = logging.getLogger("moshivis.server")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def memory_model(cfg: MoshiVisConfig, dtype: torch.dtype, max_streams: int, max_images: int) -> dict[str, int]:
-    """Bytes the engine preallocates: per-stream self-attention K/V and per-image cross-attention K/V."""
-    kv = StreamState.kv_bytes_per_stream(cfg, dtype)
+def memory_model(cfg: MoshiVisConfig, dtype: torch.dtype, max_streams: int, max_images: int,
+                 kv_dtype: str = "auto") -> dict[str, int]:
+    """Bytes the engine preallocates: per-stream self-attention K/V (in `kv_dtype`: "auto" = dtype, or
+    "int8" with its scales) and per-image cross-attention K/V."""
+    kv = StreamState.kv_bytes_per_stream(cfg, dtype, kv_dtype)
     image = cfg.num_image_tokens * 2 * cfg.dim * torch.empty((), dtype=dtype).element_size()
     return {"kv_bytes_per_stream": kv, "image_bytes_per_slot": image,
             "kv_bytes": kv * max_streams, "image_bytes": image * max_images}
 
 
-def max_streams_for_budget(cfg: MoshiVisConfig, dtype: torch.dtype, budget_bytes: int) -> int:
+def max_streams_for_budget(cfg: MoshiVisConfig, dtype: torch.dtype, budget_bytes: int, kv_dtype: str = "auto") -> int:
     """Streams whose K/V and one image slot each fit in `budget_bytes`."""
-    m = memory_model(cfg, dtype, 1, 1)
+    m = memory_model(cfg, dtype, 1, 1, kv_dtype)
     return budget_bytes // (m["kv_bytes_per_stream"] + m["image_bytes_per_slot"])
 
 
@@ -45,6 +47,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-images", type=int, help="image pool slots (default: max streams)")
     ap.add_argument("--memory-budget-mb", type=float, help="cap max streams by the K/V + image memory model")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is best on a busy 2-core machine)")
+    add_kv_dtype_arg(ap)
 
 
 def build_engine(args, cfg: MoshiVisConfig | None = None, weights: dict | None = None) -> Engine:
@@ -64,13 +67,14 @@ def build_engine(args, cfg: MoshiVisConfig | None = None, weights: dict | None =
     if isinstance(max_streams, int) and max_streams < 1:
         raise ValueError(f"--max-streams must be at least 1, got {max_streams}")
     if args.memory_budget_mb is not None:
-        max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20)))
+        max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20),
+                                                              args.kv_dtype))
         if max_streams < 1:
             raise ValueError(f"--memory-budget-mb {args.memory_budget_mb}: not enough for one stream")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
     engine = Engine(cfg, weights, max_streams=max_streams, backend=args.backend,
-                    max_images=args.max_images or max_streams)
+                    max_images=args.max_images or max_streams, kv_dtype=args.kv_dtype)
     if engine.device.type == "cuda":
         engine.warmup()  # every batch size compiled and captured before the first client
     return engine

@@ -576,7 +576,7 @@ class Scheduler:
     def gauges(self) -> dict[str, tuple[str, float]]:
         from .options import memory_model
         e = self.engine
-        mem = memory_model(self.cfg, e.dtype, e.max_streams, e.pool.capacity)
+        mem = memory_model(self.cfg, e.dtype, e.max_streams, e.pool.capacity, e.kv_dtype)
         return {
             "moshivis_active_streams": ("Streams open in the engine.", sum(s.state in ("open", "closing")
                                                                           for s in self.streams)),
