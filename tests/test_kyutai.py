@@ -255,7 +255,7 @@ def test_ping_is_answered(chat_files):
     assert run(scenario()) == PING
 
 
-def test_query_parameters_map_onto_the_stream(chat_files):
+def test_query_parameters_map_onto_the_stream():
     req, max_steps = parse_query({"text_temperature": "0.45", "text_topk": "25", "audio_temperature": "0.7",
                                   "audio_topk": "250", "text_seed": "12", "audio_seed": "34",
                                   "repetition_penalty": "1.15", "repetition_penalty_context": "64", "pad_mult": "0",
