@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from .. import protocol as P
 from ..config import MoshiVisConfig
 
+log = logging.getLogger("moshivis.server")
 MAX_IMAGE_PIXELS = 1 << 24  # decoded image files beyond 16 Mpixels are refused
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what browsers hand out for pictures and photos
 
@@ -111,9 +113,13 @@ class ImageWorker:
                                               "image encoder; try again in a moment")
             self._pending.append((data, options, future, loop))
             first = len(self._pending) == 1
+        del data  # the worker holds it; this frame must not, while it waits
         if first:
             self._ex.submit(self._drain)
-        return await future
+        features, error = await future  # never an exception through the future: its traceback would form a
+        if error is not None:           # cycle with this frame and keep image files alive until a GC
+            raise P.ProtocolError(*error)
+        return features
 
     def _drain(self) -> None:
         with self._lock:
@@ -154,14 +160,12 @@ class ImageWorker:
 
 
 def _resolve(loop, future: asyncio.Future, result=None, error: Exception | None = None) -> None:
-    if error is not None:  # its tracebacks would keep the worker's frames, and the image files, alive
-        error = error.with_traceback(None)
-        error.__context__ = error.__cause__ = None
+    """Hands (features, None) or (None, (code, message)) to the waiting coroutine."""
+    if error is not None and not isinstance(error, P.ProtocolError):
+        log.error("image encoding failed: %s", error)
+    value = (result, None) if error is None else (None, (getattr(error, "code", "bad_image"), str(error)))
 
     def done():
         if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+            future.set_result(value)
     loop.call_soon_threadsafe(done)
