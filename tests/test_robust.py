@@ -92,6 +92,8 @@ def test_delay_returns_after_a_client_stall_and_others_are_not_delayed(cfg, weig
     stall_t, back_t = stall_at * TICK_MS / 1e3, (stall_at * TICK_MS / 1e3 + stall_s)
     before = statistics.median(window(a, 0.4, stall_t))
     after = window(a, back_t + 2.0, 99)
+    print(f"client stall: delay {before * 1e3:.0f} ms before, at most {max(window(a, stall_t, back_t + 0.5)) * 1e3:.0f}"
+          f" ms in it, {statistics.median(after) * 1e3:.0f} ms (max {max(after) * 1e3:.0f}) from 2 s after it")
     assert len(after) >= 10 and max(after) <= before + 2 * TICK_MS / 1e3, (before, after)
     b_before, b_during = statistics.median(window(b, 0.4, stall_t)), window(b, stall_t, back_t + 2.0)
     assert max(b_during) <= b_before + 2 * TICK_MS / 1e3, (b_before, b_during)
@@ -128,6 +130,8 @@ def test_delay_returns_after_a_server_stall(cfg, weights):
         stall_t = next(t for t, d in trace if d > 1.0)  # the first input caught in the stall
         before = statistics.median(window(trace, 0.4, stall_t))
         after = window(trace, stall_t + stall_s + 2.0, 99)
+        print(f"server stall: delay {before * 1e3:.0f} ms before, {statistics.median(after) * 1e3:.0f} ms (max "
+              f"{max(after) * 1e3:.0f}) from 2 s after it")
         assert len(after) >= 5 and max(after) <= before + 2 * TICK_MS / 1e3, (before, after)
 
 
@@ -195,6 +199,7 @@ def test_idle_connections_never_lock_out_a_real_session(cfg, weights):
             return took, alive, parse_metrics(await metrics_text(server.port))[1]
 
     took, alive, samples = run(scenario(), timeout=120)
+    print(f"idle flood: a session opened {took * 1e3:.0f} ms after connecting, {alive} idle connections left")
     assert took < 5.0
     assert alive <= 16  # max_pending_per_ip
     assert samples['moshivis_closes_total{reason="evicted"}'] >= 256 - 16

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from test_serve import server_process
+from test_serve import HOST, run, server_process, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -108,3 +108,35 @@ def test_a_conversation_in_a_real_browser(media_files, tmp_path):
     assert shot.stat().st_size > 10000
     if os.environ.get("MOSHIVIS_SCREENSHOT"):  # how docs/screenshot.png (the README's picture) is made
         shutil.copy(shot, os.environ["MOSHIVIS_SCREENSHOT"])
+
+
+def test_static_files_stay_inside_the_page_folder(tmp_path):
+    """GET / is the page, modules come as JavaScript, nothing outside the folder is served."""
+    import asyncio
+
+    from moshivis import Engine, preset, random_init
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "index.html").write_text("<!doctype html><title>t</title>")
+    (tmp_path / "web" / "app.js").write_text("export const x = 1;")
+    (tmp_path / "secret.txt").write_text("not for you")
+    cfg = preset("tiny")
+
+    async def get(port, path):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return head.decode(), body
+
+    async def scenario():
+        async with serving(Engine(cfg, random_init(cfg, seed=0))) as server:
+            server.web_root = tmp_path / "web"
+            return [await get(server.port, p) for p in ("/", "/app.js", "/../secret.txt", "/%2e%2e/secret.txt",
+                                                        "/nope.js", "/api/stats")]
+
+    (root, body), (js, js_body), (up, _), (up2, _), (missing, _), (stats, stats_body) = run(scenario())
+    assert root.startswith("HTTP/1.1 200") and "text/html" in root and body.startswith(b"<!doctype html>")
+    assert js.startswith("HTTP/1.1 200") and "Content-Type: text/javascript" in js and js_body == b"export const x = 1;"
+    assert all(h.startswith("HTTP/1.1 404") for h in (up, up2, missing))
+    assert stats.startswith("HTTP/1.1 200") and b'"max_streams": 1' in stats_body

@@ -23,12 +23,13 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from .local import Server
+from .local import WEB_ROOT, Server
 from .media import MediaError
 from .options import (add_engine_args, add_media_args, add_server_args, build_engine, build_media,
                       memory_model, server_config)
@@ -65,7 +66,7 @@ async def _serve(args) -> None:
         engine = build_engine(args)
         media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
     config = server_config(args, args.host, args.port)
-    server = await Server(engine, config, media, ssl=tls).start()
+    server = await Server(engine, config, media, ssl=tls, web_root=args.web_root).start()
     mem = memory_model(engine.cfg, engine.dtype, engine.max_streams, engine.pool.capacity, engine.kv_dtype)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers need it for the microphone "
                                        "anywhere but localhost)")
     ap.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
+    ap.add_argument("--web-root", type=Path, default=WEB_ROOT,
+                    help="folder served at / (default: our page; e.g. Kyutai's built web client)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

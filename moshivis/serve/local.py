@@ -220,7 +220,9 @@ class Server:
         if self.web_root is None:
             return _response(404, b"not found\n")
         root = self.web_root.resolve()
-        file = (root / (path.lstrip("/") or "index.html")).resolve()
+        file = (root / path.lstrip("/")).resolve()
+        if file.is_dir():
+            file = file / "index.html"
         if root not in file.parents or not file.is_file():
             return _response(404, b"not found\n")
         kind = {".js": "text/javascript", ".mjs": "text/javascript"}.get(file.suffix) or \
