@@ -1,6 +1,8 @@
 """INT8 weight-only checkpoints: quantize, save, load, replay; model-level quality on golden tiny."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -54,7 +56,7 @@ def test_teacher_forced_quality_on_golden_tiny(int8_file, tiny_cfg, tiny_weights
             assert db >= 25 and agree >= 0.95, (name, key, db, agree)
 
 
-def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):
+def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg, capsys):
     with safe_open(str(int8_file), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     scale = "llm.transformer.layers.1.gating.linear_out.SCB"
@@ -68,9 +70,9 @@ def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):
         checkpoint.load(tmp_path / "b.safetensors", tiny_cfg, weights="int8")
     with pytest.raises(CheckpointError, match=r"load it with weights='int8'"):
         checkpoint.load(int8_file, tiny_cfg)
-    with pytest.raises(CheckpointError, match=r"is already int8"):
-        quantize_main(["--checkpoint", str(int8_file), "--config", str(tiny_cfg_path(tmp_path, tiny_cfg)),
-                       "--out", str(tmp_path / "c.safetensors")])
+    assert quantize_main(["--checkpoint", str(int8_file), "--config", str(tiny_cfg_path(tmp_path, tiny_cfg)),
+                          "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert re.fullmatch(r"error: .* is already int8: .*model-int8\.safetensors is quantized\n", capsys.readouterr().err)
 
 
 def tiny_cfg_path(tmp_path, cfg):
