@@ -1,5 +1,6 @@
 """Shared fixtures. The golden set is `../shared/golden/tiny` beside the repository (or
-$MOSHIVIS_GOLDEN); a missing golden set is a test failure, never a skip."""
+$MOSHIVIS_GOLDEN), the released checkpoints' manifests `../shared/manifests` (or $MOSHIVIS_MANIFESTS);
+a missing golden set or manifest is a test failure, never a skip."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ from moshivis import MoshiVisConfig, checkpoint
 from moshivis.replay import read_stream
 
 GOLDEN = Path(os.environ.get("MOSHIVIS_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny"))
+MANIFESTS = Path(os.environ.get("MOSHIVIS_MANIFESTS", Path(__file__).resolve().parents[2] / "shared" / "manifests"))
 
 
 def pytest_configure(config):
@@ -44,6 +46,14 @@ def golden_dir() -> Path:
     if not (GOLDEN / "config.json").exists():
         pytest.fail(f"golden set not found at {GOLDEN} (set MOSHIVIS_GOLDEN)")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def manifests_dir() -> Path:
+    for name in ("moshika-vis.json", "mimi.json"):
+        if not (MANIFESTS / name).is_file():
+            pytest.fail(f"checkpoint manifest {name} not found in {MANIFESTS} (set MOSHIVIS_MANIFESTS)")
+    return MANIFESTS
 
 
 @pytest.fixture(scope="session")
