@@ -1,5 +1,7 @@
 from setuptools import setup
 
+# Ranges: what the pinned set (requirements-cpu.txt) and `make test-latest` (the newest transformers these
+# ranges allow) test. triton 3.9's interpreter rejects our kernels' masks, so triton stays below 3.7.
 setup(
     name="moshivis-kernels",
     version="0.1.0",
@@ -7,12 +9,12 @@ setup(
     python_requires=">=3.10",
     packages=["moshivis", "moshivis.backends", "moshivis_kernels"],
     package_dir={"moshivis_kernels": "kernels/moshivis_kernels"},
-    install_requires=["torch", "triton", "numpy", "safetensors"],
+    install_requires=["torch>=2.13", "triton>=3.6,<3.7", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
+        "dev": ["pytest", "pytest-benchmark", "packaging", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
                 "websockets>=17.4"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
-        "bench": ["matplotlib", "nvtx", "bitsandbytes"],
+        "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4"],
         "serve": ["websockets>=17.4"],
     },
 )

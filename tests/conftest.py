@@ -23,6 +23,8 @@ def pytest_configure(config):
     # The Triton interpreter reads scalar kernel arguments in a way NumPy >= 1.25 deprecates.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
     config.addinivalue_line("markers", "gpu(reason): runs natively on a CUDA GPU; skipped (with that reason) without one")
+    config.addinivalue_line("markers", "transformers: touches transformers (Mimi, SigLIP, the chat command, the "
+                                       "install); `make test-latest` runs these with the newest allowed transformers")
 
 
 def pytest_collection_modifyitems(config, items):

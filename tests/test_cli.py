@@ -131,6 +131,7 @@ def chat_args(d: Path, out: Path, **replace) -> list:
     return [x for kv in args.items() if kv[1] is not None for x in kv] + ["--quiet"]
 
 
+@pytest.mark.transformers
 @pytest.mark.parametrize("case, pattern", [
     ("checkpoint key missing", r"checkpoint .*model\.safetensors does not match the config: missing keys \(1\): "
                                r"llm\.out_norm\.alpha"),
@@ -180,6 +181,7 @@ runpy.run_module('moshivis.chat', run_name='__main__', alter_sys=True)
 """
 
 
+@pytest.mark.transformers
 def test_chat_without_the_chat_extras_names_what_is_missing(chat_folder, tmp_path):
     """Only --checkpoint given (the rest found in its folder): the error names the missing packages and the
     install command, not options that were never given."""

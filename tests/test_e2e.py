@@ -31,6 +31,8 @@ from moshivis.chat import converse, main
 from moshivis.text import TextError, TextTokenizer
 from moshivis.vision import ImageEncoder, VisionError, preprocess
 
+pytestmark = pytest.mark.transformers
+
 SR, FRAME = 24000, 1920
 SEED = 5
 SENTENCES = ["the cat sat on the mat", "a photo of a dog in the park", "what do you see in this picture",

@@ -23,6 +23,8 @@ from moshivis.chat import MIMI_FILE, TOKENIZER_FILE, find_files
 from moshivis.checkpoint import IMAGE_ENCODER_PREFIX, read_header
 from moshivis.vision import ImageEncoder
 
+pytestmark = pytest.mark.transformers
+
 ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 # Reading the data would fault in at least data / (16 pages of 4 KiB) pages (the kernel's fault-around);
 # the headers, the meta models and Python's own allocations take a few thousand.
