@@ -187,6 +187,7 @@ def find_files(ckpt: str | Path, mimi: str | None = None, tokenizer: str | None 
         raise ChatError(f"no text tokenizer in {folder}: pass --tokenizer ({TOKENIZER_FILE})")
     cfg, cfg_from = _config(config, folder)
     model = _model_path(ckpt, mimi_path)
+    checkpoint.shard_files(model)  # safetensors only: a pickle is refused before anything is read
     return Files(model, mimi_path, tok_path, _existing(siglip, "SigLIP weights") or model, cfg, cfg_from)
 
 

@@ -426,6 +426,7 @@ def _truncate(path: Path, keep: int):
     ("no tokenizer", r"no text tokenizer in .*ckpt: pass --tokenizer"),
     ("tokenizer corrupt", r"text tokenizer .*tokenizer_spm_32k_3\.model is not a SentencePiece model"),
     ("no checkpoint", r"checkpoint .*missing does not exist"),
+    ("checkpoint is a pickle", r"checkpoint .*model\.pt is not a \.safetensors file \(pickle is never loaded\)"),
 ])
 def test_bad_input_is_one_clear_error(bundle, capsys, tmp_path, case, pattern):
     d = bundle["dir"]
@@ -464,11 +465,13 @@ def test_bad_input_is_one_clear_error(bundle, capsys, tmp_path, case, pattern):
         folder = _variant(bundle, tmp_path, change=lambda f: _truncate(f / "tokenizer_spm_32k_3.model", 50))
     elif case == "no checkpoint":
         folder = tmp_path / "missing"
+    elif case == "checkpoint is a pickle":
+        folder = _variant(bundle, tmp_path, change=lambda f: torch.save(bundle["weights"], f / "model.pt")) / "model.pt"
     replace.setdefault("--out", str(tmp_path / "answer.wav"))
     rc, out, err = chat(bundle, capsys, "--quiet", **{"--checkpoint": str(folder)}, **replace)
     assert rc == 2
     lines = err.strip().splitlines()
-    assert lines[0].startswith("error: ") and re.search(pattern, err), err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, err), err
     assert not (tmp_path / "answer.wav").exists()
 
 
