@@ -1,21 +1,42 @@
 # `make bench` and `make test` do all the set-up on a fresh machine: a .venv with the pinned CPU
-# dependencies and this package installed in editable mode.
+# dependencies and this package installed in editable mode. On a machine whose python3 already has a
+# CUDA torch (a GPU box), the venv keeps that torch and its triton instead (see HOST_TORCH).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 BENCH_ARGS ?=
 
-.PHONY: setup bench test test-web audit suite-cpu bench-host clean
+# "1" when $(PYTHON) has a torch that sees a GPU: the venv is then made with --system-site-packages and its
+# requirements pin the host's torch and triton versions (installed already, so pip keeps them) in place of
+# the CPU wheels. Worked out once, only when the venv is made; override with HOST_TORCH=1 or HOST_TORCH=.
+HOST_TORCH ?= $(eval HOST_TORCH := $(shell $(PYTHON) -c 'import torch; assert torch.cuda.is_available()' \
+	>/dev/null 2>&1 && echo 1))$(HOST_TORCH)
+HOST_PINS = $(PY) -c 'import torch, triton; print(f"torch=={torch.__version__}\ntriton=={triton.__version__}")'
+
+.PHONY: setup bench test test-web test-latest audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements-cpu.txt setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(HOST_TORCH),--system-site-packages) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(if $(HOST_TORCH),{ $(HOST_PINS); grep -v -E '^(torch|triton)==' requirements-cpu.txt; },\
+	  cat requirements-cpu.txt) > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The newest transformers setup.py allows (and whatever else `pip install -e '.[chat]'` resolves today),
+# with torch and numpy held at the pinned set's: the tests marked `transformers` run there.
+$(LATEST)/.installed: requirements-cpu.txt setup.py
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	grep -E '^(torch|numpy)[=<>]' requirements-cpu.txt > $(LATEST)/constraints.txt
+	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/constraints.txt torch numpy
+	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/constraints.txt -e '.[chat,dev]'
+	touch $@
 
 bench: $(STAMP)
 	$(PY) -m bench.frame_latency $(BENCH_ARGS)
@@ -27,6 +48,10 @@ test: $(STAMP) test-web
 test-web:
 	node --test tests/web/
 
+test-latest: $(LATEST)/.installed
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|numpy|transformers|kernels) '
+	$(LATEST)/bin/python -m pytest tests -q -m transformers
+
 audit: $(STAMP)
 	$(PY) -m bench.audit --arch sm_90a
 
@@ -37,4 +62,4 @@ bench-host: $(STAMP)
 	$(PY) -m pytest bench/ --benchmark-only --benchmark-compare
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LATEST) *.egg-info

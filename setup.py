@@ -1,5 +1,7 @@
 from setuptools import setup
 
+# Ranges: what the pinned set (requirements-cpu.txt) and `make test-latest` (the newest transformers these
+# ranges allow) test. triton 3.9's interpreter rejects our kernels' masks, so triton stays below 3.7.
 setup(
     name="moshivis-kernels",
     version="0.1.0",
@@ -9,12 +11,12 @@ setup(
     package_dir={"moshivis_kernels": "kernels/moshivis_kernels"},
     # The browser page, served at / from the installed package (no CDN: it works offline).
     package_data={"moshivis.serve": ["web/*"]},
-    install_requires=["torch", "triton", "numpy", "safetensors"],
+    install_requires=["torch>=2.13", "triton>=3.6,<3.7", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
+        "dev": ["pytest", "pytest-benchmark", "packaging", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
                 "websockets>=17.4"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
-        "bench": ["matplotlib", "nvtx", "bitsandbytes"],
+        "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4"],
         "serve": ["websockets>=17.4", "sphn>=0.2,<0.3"],
     },
 )

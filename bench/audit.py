@@ -30,6 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import moshivis_kernels  # noqa: E402
+from moshivis import cli  # noqa: E402
 
 from .common import environment, table, write_json  # noqa: E402
 
@@ -103,9 +104,16 @@ def compile_case(case: dict, capability: int) -> dict:
     }
 
 
+def cuda_arch(text: str) -> str:
+    """An `sm_NN[a]` architecture name, as the audit compiles for it."""
+    if not re.fullmatch(r"sm_\d{2,3}a?", text):
+        raise argparse.ArgumentTypeError(f"not a CUDA architecture: {text!r} (sm_80, sm_90a, ...)")
+    return text
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="sm_90a", help="sm_80, sm_90a, ...")
+    ap = cli.ArgumentParser(prog="python -m bench.audit", description=__doc__)
+    ap.add_argument("--arch", type=cuda_arch, default="sm_90a", help="sm_80, sm_90a, ...")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     capability = int(re.sub(r"\D", "", args.arch))

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moshivis_kernels  # noqa: F401  (sets TRITON_INTERPRET on CPU before anything imports triton)
+from moshivis import cli
 from moshivis.checkpoint import expected_shapes, quantized_keys
 from moshivis.config import MoshiVisConfig
 from moshivis.state import StreamState
@@ -71,7 +72,7 @@ def write_json(path: str | Path | None, benchmark: str, env: dict, results: list
 
 def add_common_args(ap) -> None:
     """--threads, --seed and --json: the arguments every benchmark command takes."""
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    ap.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads for torch (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here as JSON")
 

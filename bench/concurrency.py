@@ -19,13 +19,12 @@ and int8 self-attention KV) is printed either way.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 
 import torch
 
-from moshivis import preset
+from moshivis import cli, preset
 from moshivis.state import StreamState, add_kv_dtype_arg
 
 from .common import (DEVICE_MODELS, FRAME_BUDGET_MS, GIB, add_common_args, copy_bandwidth, environment,
@@ -182,25 +181,25 @@ def report(rows: list[dict], capacity: dict, env: dict, log=print) -> None:
                       ("streams", "streams_fit", "d"), ("roofline ms at that", "frame_ms_at_fit", ".1f")]))
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(prog="python -m bench.concurrency", description=__doc__)
     cuda = torch.cuda.is_available()
-    ap.add_argument("--preset", default="moshika-vis" if cuda else "small")
+    ap.add_argument("--preset", type=cli.preset_name, default="moshika-vis" if cuda else "small")
     ap.add_argument("--backend", default="triton" if cuda else "torch", choices=["torch", "triton"])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"])
     add_kv_dtype_arg(ap)
-    ap.add_argument("--streams", type=int, nargs="+", default=None,
+    ap.add_argument("--streams", type=cli.positive_int, nargs="+", default=None,
                     help=f"stream counts (default on GPU: {GPU_STREAMS} up to the memory fit, and the fit; "
                          f"on CPU: {CPU_STREAMS})")
-    ap.add_argument("--frames", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--position", type=int, default=None,
+    ap.add_argument("--frames", type=cli.positive_int, default=30)
+    ap.add_argument("--warmup", type=cli.non_negative_int, default=3)
+    ap.add_argument("--position", type=cli.non_negative_int, default=None,
                     help="frames already spoken by every stream (default: the context: a full window)")
     ap.add_argument("--reserve-gb", type=float, default=3.0,
                     help="GiB kept free for activations and allocator slack when counting streams that fit")
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--device", type=cli.device_name, default="cuda" if cuda else "cpu")
     add_common_args(ap)
     return ap
 
@@ -208,8 +207,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    if args.frames < 1:
-        ap.error("--frames must be >= 1")
     if args.backend == "triton" and args.device != "cuda":
         ap.error("--backend triton needs a GPU (its kernels would run in the Triton interpreter)")
     set_threads(args.threads)

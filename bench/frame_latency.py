@@ -4,6 +4,10 @@ python -m bench.frame_latency [--preset small|moshika-vis|tiny] [--backend torch
        [--dtype float32|bfloat16] [--weights bf16|int8] [--kv-dtype auto|int8] [--batch 1 4 ...] [--frames N]
        [--warmup N] [--device cpu|cuda] [--eager] [--threads N] [--json PATH]
 
+Defaults (`defaults`): on a machine with CUDA, both backends at the released model's sizes
+(`moshika-vis`, random weights, bf16), batches 1 8 32; on a CPU, the torch backend on the `small`
+preset, batches 1 4.
+
 For each backend and batch size: B streams, each with its own image and seed, on seeded random
 weights, stepped frame by frame with Kyutai's default sampling. A frame is timed from the call to
 the tokens on the host (the triton backend replays one CUDA graph per frame on a GPU unless --eager).
@@ -16,13 +20,12 @@ launches per frame are counted on one frame, its latency is not measured (null i
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
 import torch
 
-from moshivis import Engine, preset, random_init
+from moshivis import Engine, cli, preset, random_init
 from moshivis.profiling import PhaseTimer
 from moshivis.state import add_kv_dtype_arg
 
@@ -162,19 +165,30 @@ def report(rows: list[dict], log=print) -> None:
         log(table(timed, [("backend", "backend", ""), ("B", "batch", "d")] + [(p, f"{p}_ms", ".2f") for p in PHASES]))
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "triton"])
+def defaults(cuda: bool) -> dict:
+    """What a run without arguments measures. With CUDA: both backends at the released model's sizes
+    (random weights, bf16, the --dtype default there); without: the torch backend on the CPU-sized
+    `small` preset (the triton backend would run in the interpreter, where only launches are counted)."""
+    if cuda:
+        return {"preset": "moshika-vis", "backend": ["torch", "triton"], "batch": [1, 8, 32], "device": "cuda"}
+    return {"preset": "small", "backend": ["torch"], "batch": [1, 4], "device": "cpu"}
+
+
+def parser(cuda: bool | None = None) -> cli.ArgumentParser:
+    """The command's arguments; defaults from `defaults(cuda)` (default: whether torch sees a GPU)."""
+    d = defaults(torch.cuda.is_available() if cuda is None else cuda)
+    ap = cli.ArgumentParser(prog="python -m bench.frame_latency", description=__doc__)
+    ap.add_argument("--preset", type=cli.preset_name, default=d["preset"])
+    ap.add_argument("--backend", nargs="+", default=d["backend"], choices=["torch", "triton"])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"],
                     help="bf16: dense weights in --dtype; int8: the INT8 checkpoint layout (linears int8)")
     add_kv_dtype_arg(ap)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=cli.positive_int, nargs="+", default=d["batch"])
+    ap.add_argument("--frames", type=cli.positive_int, default=40)
+    ap.add_argument("--warmup", type=cli.non_negative_int, default=5)
+    ap.add_argument("--device", type=cli.device_name, default=d["device"])
     ap.add_argument("--eager", action="store_true",
                     help="triton backend: launch every kernel each frame instead of replaying a CUDA graph")
     add_common_args(ap)
@@ -183,8 +197,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.frames < 1:
-        parser().error("--frames must be >= 1")
     set_threads(args.threads)
     env, rows = measure(args)
     report(rows)

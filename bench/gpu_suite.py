@@ -24,7 +24,6 @@ frame at B = 1; kernels: baselines timed on tiny shapes, ours checked in the int
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from moshivis import preset
+from moshivis import cli, preset
 from moshivis.state import add_kv_dtype_arg
 
 from . import concurrency, frame_latency, kernels
@@ -169,13 +168,13 @@ def plot_kernels(rows: list[dict], label: str, path: Path) -> None:
 
 # ---- the suite ------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m bench.gpu_suite", description=__doc__)
     ap.add_argument("--out", required=True, help="folder for results.json, summary.md and the plots")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (small preset, labelled CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny preset, a few frames (smoke tests)")
     ap.add_argument("--skip", nargs="+", choices=SECTIONS, default=[])
     ap.add_argument("--budget-min", type=float, default=7.5, help="wall-clock budget; kernels get what is left")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 on CPU)")
+    ap.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads for torch (default: 1 on CPU)")
     add_kv_dtype_arg(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()

@@ -31,7 +31,6 @@ run once in the Triton interpreter to check their outputs against the reference,
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import math
@@ -43,7 +42,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from moshivis import preset
+from moshivis import cli, preset
 from moshivis import reference as R
 from moshivis.checkpoint import XA, expected_shapes
 from moshivis_kernels import linear, quantize_rowwise
@@ -524,14 +523,14 @@ def report(rows: list[dict], log=print) -> None:
                       ("time / ours", "ours_speedup", ".2f"), ("err vs ref", "err", ".2e"), ("status", "status", "")]))
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     cuda = torch.cuda.is_available()
-    ap.add_argument("--preset", default=None, help="default: moshika-vis on a GPU, tiny on CPU")
+    ap.add_argument("--preset", type=cli.preset_name, default=None, help="default: moshika-vis on a GPU, tiny on CPU")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="activations and dense weights (default: bfloat16 on cuda, float32 on cpu)")
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--device", type=cli.device_name, default="cuda" if cuda else "cpu")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new measurements after this many seconds (the rest: 'skipped')")
     add_common_args(ap)

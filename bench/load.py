@@ -20,7 +20,6 @@ because the server's queue was full (it is behind real time), refusals and error
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import time
@@ -28,6 +27,7 @@ import time
 import torch
 from websockets.exceptions import ConnectionClosed
 
+from moshivis import cli
 from moshivis.client import Client, ServerError
 from moshivis.serve import Server
 from moshivis.serve.options import add_engine_args, add_server_args, build_engine, server_config
@@ -213,8 +213,8 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=8)
+    ap = cli.ArgumentParser(prog="python -m bench.load", description=__doc__)
+    ap.add_argument("--streams", type=cli.positive_int, default=8)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of audio each client sends")
     ap.add_argument("--images", default="distinct", choices=["distinct", "shared", "none"])
     ap.add_argument("--host", default="127.0.0.1")
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(ap)
     ap.set_defaults(max_streams=None)
     args = ap.parse_args(argv)
-    if args.streams < 1 or args.duration <= 0:
-        ap.error("--streams must be >= 1 and --duration > 0")
+    if args.duration <= 0:
+        ap.error(f"argument --duration: must be > 0, got {args.duration}")
     r = asyncio.run(run(args))
     print(report(r))
     write_json(args.json, "load", r.pop("env"), [r])

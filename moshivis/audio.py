@@ -28,12 +28,15 @@ averaged to mono.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import wave
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import CheckpointError, meta_tensor, read_header
 
 try:
     from transformers import MimiConfig, MimiModel
@@ -229,29 +232,69 @@ def hf_to_modules(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def _read_safetensors(files: list[Path], meta: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`; meta=True: meta tensors of the headers' shapes and dtypes (no data read)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     state = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
+            if meta:
+                state.update({k: meta_tensor(shape, dtype) for k, (shape, dtype) in read_header(f).items()})
+            else:
+                state.update(load_file(str(f)))
+        except (SafetensorError, OSError, CheckpointError) as e:
             raise AudioError(f"Mimi weights {f} are not a readable safetensors file: {e}") from e
     return state
 
 
+def _is_mimi(keys) -> bool:
+    """Mimi's keys in any of its layouts: Kyutai's (`encoder.model.*`, `quantizer.rvq_first.*`), Hugging Face's
+    flat (`encoder.layers.*`, `quantizer.semantic_residual_vector_quantizer.*`) or module names."""
+    return any(k.startswith("quantizer.") for k in keys) and any(k.startswith("encoder") for k in keys)
+
+
+def mimi_files(folder: Path) -> list[Path]:
+    """Mimi's weights in a folder: Kyutai's `tokenizer-*.safetensors` by name (or the folder's only file),
+    else the one file whose keys are Mimi's (only the headers are read), so a folder that also holds the
+    language model works. An AudioError says what each file holds when none fits."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise AudioError(f"Mimi folder {folder} holds no *.safetensors file")
+    named = [f for f in files if f.name.startswith("tokenizer-")]
+    if len(named) == 1 or len(files) == 1:  # Kyutai's name, or the only file (Hugging Face's kyutai/mimi)
+        return named or files
+    found, seen = [], []
+    for f in named or files:
+        try:
+            keys = list(read_header(f))
+        except CheckpointError as e:
+            seen.append(f"{f.name}: unreadable ({e})")
+            continue
+        if _is_mimi(keys):
+            found.append(f)
+        else:
+            sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            seen.append(f"{f.name}: {len(keys)} tensors ({sample})")
+    if len(found) > 1:
+        raise AudioError(f"several Mimi files in {folder}: {', '.join(f.name for f in found)}; pass one with --mimi")
+    if not found:
+        raise AudioError(f"no Mimi weights in {folder} (no tokenizer-*.safetensors, and no file with Mimi's "
+                         f"encoder.* and quantizer.* keys): {'; '.join(seen)}")
+    return found
+
+
 def load_mimi(path: str | Path, config: MimiConfig | str | Path | None = None, device: str | torch.device = "cpu",
               num_codebooks: int = 8) -> "MimiCodec":
-    """Mimi from a local folder (Hugging Face: `config.json` + `*.safetensors`) or one `.safetensors` file
-    (Kyutai's or Hugging Face's key layout, detected from the names). `config`: a MimiConfig or a
+    """Mimi from a local folder or one `.safetensors` file (Kyutai's or Hugging Face's key layout, detected from
+    the names). A folder may be Hugging Face's kyutai/mimi (`config.json` + `model.safetensors`) or hold other
+    models too, as Kyutai's releases do (`mimi_files` picks Mimi's file). `config`: a MimiConfig or a
     `config.json` path; default: the folder's `config.json`, else `MimiConfig()` (the kyutai/mimi sizes).
-    Strict: every missing, unexpected or mis-shaped tensor is reported."""
+    Strict: every missing, unexpected or mis-shaped tensor is reported. device="meta" checks the files'
+    headers only and reads no data (a codec with meta weights)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise AudioError(f"Mimi folder {path} holds no *.safetensors file")
+        files = mimi_files(path)
         if config is None and (path / "config.json").is_file():
             config = path / "config.json"
     elif path.is_file():
@@ -267,12 +310,14 @@ def load_mimi(path: str | Path, config: MimiConfig | str | Path | None = None, d
             config = MimiConfig.from_json_file(str(config))
         except (OSError, ValueError) as e:
             raise AudioError(f"Mimi config {config} is not a readable MimiConfig JSON: {e}") from e
-    state = _read_safetensors(files)
+    meta = torch.device(device).type == "meta"
+    state = _read_safetensors(files, meta)
     if any(k.startswith(("encoder.model.", "quantizer.rvq_first")) for k in state):
         state = kyutai_to_hf(state, config)
     if not any(k.startswith("encoder.encoder_seanet.") for k in state):
         state = hf_to_modules(state)
-    model = MimiModel(config)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = MimiModel(config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -281,8 +326,9 @@ def load_mimi(path: str | Path, config: MimiConfig | str | Path | None = None, d
     problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
     if problems:
-        raise AudioError(f"Mimi weights {path} do not match the Mimi config:\n  " + "\n  ".join(problems))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+        where = path if len(files) == 1 and files[0] == path else f"{path} ({', '.join(f.name for f in files)})"
+        raise AudioError(f"Mimi weights {where} do not match the Mimi config:\n  " + "\n  ".join(problems))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=meta)
     return MimiCodec(model.to(device).eval(), num_codebooks)
 
 

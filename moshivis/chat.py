@@ -21,7 +21,6 @@ line naming the file and what is wrong with it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -33,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, cli
 from .checkpoint import CheckpointError
 from .config import PRESETS, UNGENERATED, ConfigError, MoshiVisConfig, preset
 from .engine import Engine, SamplingParams, StreamError
@@ -97,8 +96,8 @@ def converse(engine: Engine, codec, tokenizer, features: torch.Tensor | None, qu
 
 
 # ---- command line --------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moshivis.chat", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m moshivis.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="MoshiVis .safetensors file, or the folder holding it")
     p.add_argument("--image", required=True, help="picture to talk about (any format Pillow reads)")
     p.add_argument("--audio", required=True, help="the question: a WAV file at 24 kHz")
@@ -110,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--siglip", help="SigLIP weights, if not in the checkpoint (image_prefix.enc.model.*)")
     p.add_argument("--vision-config", help="SigLIP vision config JSON (default: PaliGemma2-448)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--weights", default="dense", choices=["dense", "int8"], help="checkpoint weight format")
     add_kv_dtype_arg(p)
@@ -166,17 +165,45 @@ def _model_path(ckpt: Path, mimi: Path) -> Path:
                     "(--mimi) or pass --checkpoint FILE")
 
 
-def _config(spec: str | None, folder: Path) -> MoshiVisConfig:
+def _config(spec: str | None, folder: Path) -> tuple[MoshiVisConfig, str]:
+    """The config and where it came from (a JSON file or a preset's name)."""
     if spec is None:
         spec = str(folder / "config.json") if (folder / "config.json").is_file() else "moshika-vis"
     if Path(spec).is_file():
-        try:
-            return MoshiVisConfig.from_json(spec)
-        except ValueError as e:  # JSON syntax (ConfigError is a ValueError too)
-            raise ChatError(f"config {spec}: {e}") from e
+        return MoshiVisConfig.from_json(spec), spec
     if spec.replace("_", "-") in PRESETS:
-        return preset(spec)
+        return preset(spec), spec
     raise ChatError(f"config {spec} is neither a file nor a preset ({', '.join(sorted(PRESETS))})")
+
+
+@dataclass
+class Files:
+    """What the command reads, each given on the command line or found in the checkpoint's folder."""
+    model: Path                 # the MoshiVis safetensors file, or the folder of its shards
+    mimi: Path                  # Kyutai's tokenizer-*.safetensors, or a folder holding Mimi
+    tokenizer: Path             # SentencePiece model
+    siglip: Path                # where the SigLIP tower is read (by default the model itself)
+    config: MoshiVisConfig
+    config_from: str            # a JSON file or a preset's name
+
+
+def find_files(ckpt: str | Path, mimi: str | None = None, tokenizer: str | None = None, siglip: str | None = None,
+               config: str | None = None) -> Files:
+    """Every input file, laid out as Kyutai publishes MoshiVis (kyutai/moshika-vis-pytorch-bf16:
+    `model.safetensors`, `tokenizer-e351c8d8-checkpoint125.safetensors`, `tokenizer_spm_32k_3.model`, no
+    config.json) or with the given paths; a ChatError names what is missing and the option to pass."""
+    ckpt = _existing(ckpt, "checkpoint")
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    mimi_path = _existing(mimi, "Mimi weights") or _find(folder, [MIMI_FILE, "mimi"], ["tokenizer-*.safetensors"])
+    if mimi_path is None:
+        raise ChatError(f"no Mimi weights in {folder}: pass --mimi ({MIMI_FILE} or a Hugging Face kyutai/mimi folder)")
+    tok_path = _existing(tokenizer, "text tokenizer") or _find(folder, [TOKENIZER_FILE], ["*.model"])
+    if tok_path is None:
+        raise ChatError(f"no text tokenizer in {folder}: pass --tokenizer ({TOKENIZER_FILE})")
+    cfg, cfg_from = _config(config, folder)
+    model = _model_path(ckpt, mimi_path)
+    checkpoint.shard_files(model)  # safetensors only: a pickle is refused before anything is read
+    return Files(model, mimi_path, tok_path, _existing(siglip, "SigLIP weights") or model, cfg, cfg_from)
 
 
 class _Progress:
@@ -202,37 +229,28 @@ def _run(args) -> int:
     from .text import TextTokenizer
     from .vision import ImageEncoder, load_vision_config, open_image
 
-    ckpt = _existing(args.checkpoint, "checkpoint")
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         raise ChatError(f"cannot write the answer to {out}: " + ("it is a folder" if out.is_dir() else
                                                                  f"folder {out.parent} does not exist"))
-    mimi = _existing(args.mimi, "Mimi weights") or _find(folder, [MIMI_FILE, "mimi"], ["tokenizer-*.safetensors"])
-    if mimi is None:
-        raise ChatError(f"no Mimi weights in {folder}: pass --mimi ({MIMI_FILE} or a Hugging Face kyutai/mimi folder)")
-    tok_path = _existing(args.tokenizer, "text tokenizer") or _find(folder, [TOKENIZER_FILE], ["*.model"])
-    if tok_path is None:
-        raise ChatError(f"no text tokenizer in {folder}: pass --tokenizer ({TOKENIZER_FILE})")
-    cfg = _config(args.config, folder)
+    files = find_files(args.checkpoint, args.mimi, args.tokenizer, args.siglip, args.config)
+    cfg = files.config
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     # Cheap checks first: a bad question or picture fails before the big weights are read.
-    tokenizer = TextTokenizer(tok_path, text_card=cfg.text_card, padding_id=cfg.padding_token_id)
-    codec = load_mimi(mimi, _existing(args.mimi_config, "Mimi config"), device=device, num_codebooks=cfg.dep_q)
+    tokenizer = TextTokenizer(files.tokenizer, text_card=cfg.text_card, padding_id=cfg.padding_token_id)
+    codec = load_mimi(files.mimi, _existing(args.mimi_config, "Mimi config"), device=device, num_codebooks=cfg.dep_q)
     if codec.codebook_size != cfg.audio_card:
-        raise ChatError(f"Mimi {mimi} has {codec.codebook_size} codes per codebook; the model's audio_card is "
+        raise ChatError(f"Mimi {files.mimi} has {codec.codebook_size} codes per codebook; the model's audio_card is "
                         f"{cfg.audio_card}")
     question = load_audio(args.audio, codec.sample_rate, resample_input=args.resample)
     picture = open_image(args.image)
     vision_cfg = load_vision_config(args.vision_config) if args.vision_config else None
-    model_path = _model_path(ckpt, mimi)
-    siglip = _existing(args.siglip, "SigLIP weights") or model_path
-    encoder = ImageEncoder.load(siglip, vision_cfg, dtype=dtype, device=device)
+    encoder = ImageEncoder.load(files.siglip, vision_cfg, dtype=dtype, device=device)
     if (encoder.num_tokens, encoder.hidden_size) != (cfg.num_image_tokens, cfg.image_encoder_dim):
-        raise ChatError(f"SigLIP from {siglip} gives {encoder.num_tokens} x {encoder.hidden_size} features; the "
-                        f"model expects {cfg.num_image_tokens} x {cfg.image_encoder_dim} (num_image_tokens x "
+        raise ChatError(f"SigLIP from {files.siglip} gives {encoder.num_tokens} x {encoder.hidden_size} features; "
+                        f"the model expects {cfg.num_image_tokens} x {cfg.image_encoder_dim} (num_image_tokens x "
                         "image_encoder_dim): check --vision-config")
     try:
         sampling = dataclasses.replace(SamplingParams.greedy() if args.greedy else SamplingParams(),
@@ -241,7 +259,7 @@ def _run(args) -> int:
     except ValueError as e:
         raise ChatError(str(e)) from e
     features = encoder.encode(picture, args.image_resolution, args.center_crop)
-    weights = checkpoint.load(model_path, cfg, dtype=dtype, device=device, weights=args.weights)
+    weights = checkpoint.load(files.model, cfg, dtype=dtype, device=device, weights=args.weights)
     engine = Engine(cfg, weights, max_streams=1, backend=args.backend, kv_dtype=args.kv_dtype)
 
     progress = _Progress(codec.frame_size / codec.sample_rate, enabled=not args.quiet)
@@ -255,16 +273,19 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return _checked_run(_parser().parse_args(argv))
+
+
+@cli.guard(ChatError, CheckpointError, ConfigError, ImageError, StreamError)
+def _checked_run(args) -> int:
+    cli.require_extras("python -m moshivis.chat")  # before anything imports them: name what is missing
     from .audio import AudioError
     from .text import TextError
     from .vision import VisionError
     try:
         return _run(args)
-    except (ChatError, AudioError, VisionError, TextError, CheckpointError, ConfigError, ImageError,
-            StreamError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (AudioError, VisionError, TextError) as e:
+        return cli.fail(e)
 
 
 if __name__ == "__main__":

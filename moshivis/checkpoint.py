@@ -13,17 +13,25 @@ its SCB (fp32 [rows]), e.g. `llm.transformer.layers.0.gating.linear_in.weight` +
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import MoshiVisConfig
 
 IMAGE_ENCODER_PREFIX = "image_prefix.enc.model."
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 XA = "llm.transformer.layers.0.cross_attention.mha"  # the ONE shared cross-attention projection
+
+
+# safetensors' dtype names (the header's "dtype" field).
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -84,6 +92,28 @@ def quantized_keys(cfg: MoshiVisConfig) -> list[str]:
             if k.endswith("weight") and "emb" not in k and not k.startswith("image_prefix.")]
 
 
+def meta_tensor(shape, dtype: str) -> torch.Tensor:
+    """A tensor with a header's shape and dtype (safetensors' name, e.g. "BF16") and no data."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported safetensors dtype {dtype!r}")
+    return torch.empty(tuple(shape), dtype=DTYPES[dtype], device="meta")
+
+
+def read_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name) from a safetensors file's header alone (its first 8 + N
+    bytes); no tensor data is read. A file that is no safetensors file is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= MAX_HEADER_BYTES:
+                raise ValueError(f"header size {size} is out of range")
+            header = json.loads(f.read(size))
+        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
 def shard_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_dir():  # Kyutai's release folder also holds the Mimi codec, `tokenizer-*.safetensors`
@@ -105,8 +135,9 @@ def load(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype = torch.float
     weights="dense": every tensor cast to `dtype`; weights="int8": an INT8 checkpoint, whose
     `quantized_keys` stay int8 with their fp32 SCB scales and everything else is cast to `dtype`.
     Each tensor is read, cast and moved to `device` before the next is read, so a large checkpoint is
-    never held twice. All problems (missing keys, unexpected keys, wrong shapes or dtypes) are
-    collected and reported together.
+    never held twice; device="meta" checks every key, shape and dtype from the files' headers and
+    reads no data (meta tensors out). All problems (missing keys, unexpected keys, wrong shapes or
+    dtypes, unreadable files) are collected and reported together.
     """
     if weights not in ("dense", "int8"):
         raise CheckpointError(f"weights must be 'dense' or 'int8', got {weights!r}")
@@ -114,34 +145,41 @@ def load(path: str | Path, cfg: MoshiVisConfig, dtype: torch.dtype = torch.float
     int8 = set(quantized_keys(cfg)) if weights == "int8" else set()
     scales = {scale_key(k): k for k in int8}
     expected.update({s: expected[k][:1] for s, k in scales.items()})
+    meta = torch.device(device).type == "meta"
     loaded: dict[str, torch.Tensor] = {}
     unexpected, duplicated = [], []
     wrong: dict[str, str] = {}
     for file in shard_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith(IMAGE_ENCODER_PREFIX):
-                    continue
-                if key not in expected:
-                    unexpected.append(f"{key} (in {file.name})")
-                    continue
-                if key in loaded:
-                    duplicated.append(f"{key} (again in {file.name})")
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[key]:
-                    wrong[key] = f"{key}: expected shape {list(expected[key])}, found {list(shape)}"
-                    continue
-                t = f.get_tensor(key)
-                want = torch.int8 if key in int8 else torch.float32 if key in scales else None
-                if want is not None and t.dtype != want:
-                    wrong[key] = f"{key}: expected dtype {want}, found {t.dtype}"
-                    continue
-                if want is None and not t.is_floating_point():
-                    hint = " (an INT8 checkpoint: load it with weights='int8')" if t.dtype == torch.int8 else ""
-                    wrong[key] = f"{key}: expected a floating-point tensor, found {t.dtype}{hint}"
-                    continue
-                loaded[key] = t.to(device=device, dtype=want or dtype)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.startswith(IMAGE_ENCODER_PREFIX):
+                        continue
+                    if key not in expected:
+                        unexpected.append(f"{key} (in {file.name})")
+                        continue
+                    if key in loaded:
+                        duplicated.append(f"{key} (again in {file.name})")
+                        continue
+                    info = f.get_slice(key)
+                    shape, stored = tuple(info.get_shape()), DTYPES.get(info.get_dtype())
+                    if shape != expected[key]:
+                        wrong[key] = f"{key}: expected shape {list(expected[key])}, found {list(shape)}"
+                        continue
+                    want = torch.int8 if key in int8 else torch.float32 if key in scales else None
+                    if want is not None and stored != want:
+                        wrong[key] = f"{key}: expected dtype {want}, found {stored or info.get_dtype()}"
+                        continue
+                    if want is None and (stored is None or not stored.is_floating_point):
+                        hint = " (an INT8 checkpoint: load it with weights='int8')" if stored == torch.int8 else ""
+                        wrong[key] = f"{key}: expected a floating-point tensor, found {stored or info.get_dtype()}{hint}"
+                        continue
+                    if meta:  # shapes and dtypes only: the data is never read
+                        loaded[key] = torch.empty(shape, dtype=want or dtype, device="meta")
+                    else:
+                        loaded[key] = f.get_tensor(key).to(device=device, dtype=want or dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {file} is not a readable safetensors file: {e}") from e
     missing = [k for k in expected if k not in loaded and k not in wrong]
     problems = []
     if missing:

@@ -29,16 +29,17 @@ a microphone, one frame ahead (a one-frame jitter buffer).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from . import cli
 from . import protocol as P
 from .engine import SamplingParams
 
@@ -215,25 +216,34 @@ async def converse_pcm(host: str, port: int, question: torch.Tensor, image: torc
             "input_frames": torch.tensor(input_frames, dtype=torch.int64)}
 
 
-def _read(path: str, key: str, row: int | None, ndim: int) -> torch.Tensor:
-    tensors = load_file(path)
+def _read(path: str, key: str, row: int | None, ndim: int, what: str) -> torch.Tensor:
+    """Tensor `key` (or the only tensor) of a safetensors file, row `row` of a batched one."""
+    if not Path(path).is_file():
+        raise cli.UsageError(f"{what} file {path} does not exist")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise cli.UsageError(f"{what} file {path} is not a readable safetensors file: {e}") from e
     if key in tensors:
         t = tensors[key]
     elif len(tensors) == 1:
         t = next(iter(tensors.values()))
     else:
-        raise SystemExit(f"{path}: no tensor {key!r} and more than one tensor ({sorted(tensors)})")
+        raise cli.UsageError(f"{path}: no tensor {key!r} and more than one tensor ({sorted(tensors)})")
     if t.dim() == ndim + 1:
         if row is None:
-            raise SystemExit(f"{path}: tensor of shape {list(t.shape)} holds several streams; pick one with --row")
+            raise cli.UsageError(f"{path}: tensor of shape {list(t.shape)} holds several streams; pick one with --row")
+        if not 0 <= row < t.shape[0]:
+            raise cli.UsageError(f"{path}: --row {row} is out of range for {t.shape[0]} streams")
         t = t[row]
     if t.dim() != ndim:
-        raise SystemExit(f"{path}: expected a {ndim}-d tensor, got shape {list(t.shape)}")
+        raise cli.UsageError(f"{path}: expected a {ndim}-d tensor, got shape {list(t.shape)}")
     return t
 
 
+@cli.guard()
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m moshivis.client", description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8998)
     user_in = ap.add_mutually_exclusive_group(required=True)
@@ -259,15 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         args.temperature_text, args.top_k_text, args.temperature_audio, args.top_k_audio)
     image = image_file = None
     if args.image and args.image.endswith(".safetensors"):
-        image = _read(args.image, "image_features", args.row, 2)
+        image = _read(args.image, "image_features", args.row, 2, "image")
     elif args.image:
-        try:
-            image_file = Path(args.image).read_bytes()
-        except OSError as e:
-            raise SystemExit(f"image file {args.image}: {e}") from None
+        if not Path(args.image).is_file():
+            raise cli.UsageError(f"image file {args.image} does not exist")
+        image_file = Path(args.image).read_bytes()
     if args.audio:
         return _speak(args, sampling, image, image_file)
-    user = _read(args.tokens, "user_audio_tokens", args.row, 2)
+    user = _read(args.tokens, "user_audio_tokens", args.row, 2, "tokens")
     try:
         result = asyncio.run(converse(args.host, args.port, user, image, args.seed, sampling, args.ahead,
                                       args.realtime, image_file))

@@ -177,8 +177,20 @@ class MoshiVisConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "MoshiVisConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """The config in a JSON file; a missing, unreadable or non-object file is a ConfigError naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"config {path} is not a JSON object: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} is not a JSON object (found a {type(values).__name__})")
+        try:
+            return cls.from_dict(values)
+        except (ConfigError, TypeError) as e:  # TypeError: a field of the wrong kind, e.g. a list for an int
+            raise ConfigError(f"config {path}: {e}") from e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

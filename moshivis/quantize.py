@@ -9,19 +9,18 @@ encoder) are copied unchanged.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moshivis_kernels.linear import quantize_rowwise
 
-from . import checkpoint
-from .checkpoint import quantized_keys, scale_key
-from .config import MoshiVisConfig, preset
+from . import checkpoint, cli
+from .checkpoint import CheckpointError, quantized_keys, scale_key
+from .config import ConfigError, MoshiVisConfig, preset
 
 
 def quantize_weights(weights: dict[str, torch.Tensor], cfg: MoshiVisConfig) -> dict[str, torch.Tensor]:
@@ -36,33 +35,43 @@ def quantize_checkpoint(src: str | Path, out: str | Path, cfg: MoshiVisConfig) -
     todo = set(quantized_keys(cfg))
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint.shard_files(src):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if key in todo:
-                    if t.dtype == torch.int8:
-                        raise checkpoint.CheckpointError(f"{key} in {file.name} is already int8: {src} is quantized")
-                    tensors[key], tensors[scale_key(key)] = quantize_rowwise(t)
-                else:
-                    tensors[key] = t
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if key in todo:
+                        if t.dtype == torch.int8:
+                            raise CheckpointError(f"{key} in {file.name} is already int8: {src} is quantized")
+                        tensors[key], tensors[scale_key(key)] = quantize_rowwise(t)
+                    else:
+                        tensors[key] = t
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {file} is not a readable safetensors file: {e}") from e
     missing = sorted(todo - tensors.keys())
     if missing:
-        raise checkpoint.CheckpointError(f"checkpoint {src} lacks {len(missing)} linear weights: " + ", ".join(missing))
+        raise CheckpointError(f"checkpoint {src} lacks {len(missing)} linear weights: " + ", ".join(missing))
     save_file(tensors, str(out), metadata={"format": "pt", "moshivis_weights": "int8-rowwise"})
     return len(todo)
 
 
+@cli.guard(CheckpointError, ConfigError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m moshivis.quantize", description=__doc__)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--config", default=None, help="config.json (default: next to the checkpoint, else --preset)")
-    ap.add_argument("--preset", default="moshika-vis")
+    ap.add_argument("--preset", type=cli.preset_name, default="moshika-vis")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    src = Path(args.checkpoint)
-    cfg_path = Path(args.config) if args.config else (src if src.is_dir() else src.parent) / "config.json"
-    cfg = MoshiVisConfig.from_json(cfg_path) if cfg_path.exists() else preset(args.preset)
-    n = quantize_checkpoint(src, args.out, cfg)
+    src, out = Path(args.checkpoint), Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise cli.UsageError(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else
+                                                        f"folder {out.parent} does not exist"))
+    if args.config:  # given: it must exist (from_json says so); not given: the checkpoint's, else the preset
+        cfg = MoshiVisConfig.from_json(args.config)
+    else:
+        beside = (src if src.is_dir() else src.parent) / "config.json"
+        cfg = MoshiVisConfig.from_json(beside) if beside.is_file() else preset(args.preset)
+    n = quantize_checkpoint(src, out, cfg)
     checkpoint.load(args.out, cfg, weights="int8")
     print(f"{args.out}: {n} linear weights quantized to int8 (bitsandbytes row-wise), checked by the loader")
     return 0

@@ -8,21 +8,26 @@ gives the layout). Any sizes work: everything is read from the config and the fi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import checkpoint
-from .config import MoshiVisConfig
-from .engine import Engine, SamplingParams
+from . import checkpoint, cli
+from .checkpoint import CheckpointError
+from .config import ConfigError, MoshiVisConfig
+from .engine import Engine, SamplingParams, StreamError
+from .image_pool import ImageError
 from .state import add_kv_dtype_arg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ReplayError(ValueError):
+    """A golden folder or stream file that cannot be replayed; the message names the file."""
 
 
 @dataclass
@@ -39,8 +44,19 @@ class Comparison:
 
 
 def read_stream(path: str | Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    """A stream file's tensors; it must hold integer `user_audio_tokens` [B, num_audio_in, T]."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stream = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ReplayError(f"stream file {path} is not a readable safetensors file: {e}") from e
+    user = stream.get("user_audio_tokens")
+    if user is None:
+        raise ReplayError(f"stream file {path} has no 'user_audio_tokens' (it holds {sorted(stream)})")
+    if user.dim() != 3 or user.is_floating_point():
+        raise ReplayError(f"stream file {path}: 'user_audio_tokens' must be integer [B, num_audio_in, T], got "
+                          f"{user.dtype} {list(user.shape)}")
+    return stream
 
 
 def run_stream(engine: Engine, stream: dict[str, torch.Tensor], teacher_force: bool = False,
@@ -99,23 +115,27 @@ def load_engine(golden: str | Path, backend: str, dtype: torch.dtype, device: st
     return cfg, Engine(cfg, w, max_streams=max_streams, backend=backend, kv_dtype=kv_dtype)
 
 
+@cli.guard(ReplayError, CheckpointError, ConfigError, StreamError, ImageError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m moshivis.replay", description=__doc__)
     ap.add_argument("--golden", required=True, help="directory with config.json, model.safetensors, stream_*.safetensors")
     ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--weights", default="bf16", choices=["bf16", "int8"],
                     help="bf16: dense weights in --dtype; int8: weight-only int8 (a dense file is quantized on load)")
     add_kv_dtype_arg(ap)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=cli.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-force", action="store_true",
                     help="feed each file's sampled_tokens back as the model's own tokens")
     ap.add_argument("--out", required=True, help="directory for the replayed stream files")
     args = ap.parse_args(argv)
 
-    files = sorted(Path(args.golden).glob("stream_*.safetensors"))
+    golden = Path(args.golden)
+    if not golden.is_dir():
+        raise ReplayError(f"golden folder {golden} does not exist" + (" (it is a file)" if golden.exists() else ""))
+    files = sorted(golden.glob("stream_*.safetensors"))
     if not files:
-        raise SystemExit(f"no stream_*.safetensors in {args.golden}")
+        raise ReplayError(f"no stream_*.safetensors in {golden}")
     streams = {f: read_stream(f) for f in files}
     max_streams = max(s["user_audio_tokens"].shape[0] for s in streams.values())
     _, engine = load_engine(args.golden, args.backend, DTYPES[args.dtype], args.device, args.weights, max_streams,

@@ -22,10 +22,13 @@ PaliGemma checkpoint: prefixes in `PREFIXES`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+
+from .checkpoint import meta_tensor
 
 try:
     from PIL import Image, UnidentifiedImageError
@@ -129,9 +132,11 @@ class ImageEncoder:
              device: str | torch.device = "cpu") -> "ImageEncoder":
         """The tower's weights from a `.safetensors` file or a folder of them (only those tensors are
         read); config default: PaliGemma2-448. Strict: missing, unexpected and mis-shaped keys are
-        reported."""
+        reported. device="meta" checks the keys and shapes from the files' headers and reads no data
+        (an encoder with meta weights)."""
         from safetensors import SafetensorError, safe_open
         config = paligemma2_448() if config is None else config
+        meta = torch.device(device).type == "meta"
         path = Path(path)
         if path.is_dir():
             files = sorted(path.glob("*.safetensors"))
@@ -141,7 +146,8 @@ class ImageEncoder:
             raise VisionError(f"SigLIP weights {path} are not a .safetensors file (pickles are never loaded)")
         else:
             raise VisionError(f"SigLIP weights {path} do not exist")
-        model = SiglipVisionModel(config)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = SiglipVisionModel(config)
         target = getattr(model, "vision_model", model)  # transformers 4 nests the tower one level down
         expected = target.state_dict()
         state: dict[str, torch.Tensor] = {}
@@ -155,7 +161,9 @@ class ImageEncoder:
                         continue
                     for k in keys:
                         if k.startswith(prefix) and (prefix or k in expected):
-                            state[k[len(prefix):]] = st.get_tensor(k)
+                            info = st.get_slice(k)
+                            state[k[len(prefix):]] = (meta_tensor(info.get_shape(), info.get_dtype()) if meta
+                                                      else st.get_tensor(k))
         except (SafetensorError, OSError) as e:
             raise VisionError(f"SigLIP weights {path} are not a readable safetensors file: {e}") from e
         if not state:
@@ -173,7 +181,7 @@ class ImageEncoder:
             raise VisionError(f"SigLIP weights in {path} do not match the vision config (image_size "
                               f"{config.image_size}, hidden {config.hidden_size}, {config.num_hidden_layers} "
                               "layers):\n  " + "\n  ".join(problems))
-        target.load_state_dict(state)
+        target.load_state_dict(state, assign=meta)
         return cls(model.to(device=device, dtype=dtype))
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Shared fixtures. The golden set is `../shared/golden/tiny` beside the repository (or
-$MOSHIVIS_GOLDEN); a missing golden set is a test failure, never a skip."""
+$MOSHIVIS_GOLDEN), the released checkpoints' manifests `../shared/manifests` (or $MOSHIVIS_MANIFESTS);
+a missing golden set or manifest is a test failure, never a skip."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,15 @@ from moshivis import MoshiVisConfig, checkpoint
 from moshivis.replay import read_stream
 
 GOLDEN = Path(os.environ.get("MOSHIVIS_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden" / "tiny"))
+MANIFESTS = Path(os.environ.get("MOSHIVIS_MANIFESTS", Path(__file__).resolve().parents[2] / "shared" / "manifests"))
 
 
 def pytest_configure(config):
     # The Triton interpreter reads scalar kernel arguments in a way NumPy >= 1.25 deprecates.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
     config.addinivalue_line("markers", "gpu(reason): runs natively on a CUDA GPU; skipped (with that reason) without one")
+    config.addinivalue_line("markers", "transformers: touches transformers (Mimi, SigLIP, the chat command, the "
+                                       "install); `make test-latest` runs these with the newest allowed transformers")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,6 +48,14 @@ def golden_dir() -> Path:
     if not (GOLDEN / "config.json").exists():
         pytest.fail(f"golden set not found at {GOLDEN} (set MOSHIVIS_GOLDEN)")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def manifests_dir() -> Path:
+    for name in ("moshika-vis.json", "mimi.json"):
+        if not (MANIFESTS / name).is_file():
+            pytest.fail(f"checkpoint manifest {name} not found in {MANIFESTS} (set MOSHIVIS_MANIFESTS)")
+    return MANIFESTS
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,19 @@ def load(path: Path) -> dict:
 
 
 @cpu_only
+def test_frame_latency_defaults_follow_the_machine():
+    """With CUDA, a run without arguments measures triton beside torch at the released sizes (bf16 is the
+    dtype default on cuda); without, the torch backend on the CPU-sized preset, as `make bench` always did."""
+    gpu = {"preset": "moshika-vis", "backend": ["torch", "triton"], "batch": [1, 8, 32], "device": "cuda"}
+    cpu = {"preset": "small", "backend": ["torch"], "batch": [1, 4], "device": "cpu"}
+    assert frame_latency.defaults(True) == gpu and frame_latency.defaults(False) == cpu
+    for cuda, want in ((True, gpu), (False, cpu)):
+        ap = frame_latency.parser(cuda=cuda)
+        assert {k: ap.get_default(k) for k in want} == want and ap.get_default("dtype") is None
+    args = frame_latency.parser().parse_args([])  # this machine
+    assert {k: getattr(args, k) for k in cpu} == (gpu if torch.cuda.is_available() else cpu)
+
+
 def test_frame_latency_writes_json_labelled_cpu(tmp_path, capsys):
     out = tmp_path / "fl.json"
     assert frame_latency.main(["--preset", "tiny", "--batch", "1", "2", "--frames", "3", "--warmup", "1",

@@ -30,6 +30,8 @@ from moshivis.demo import demo_config, tiny_mimi, tiny_siglip, tiny_tokenizer_mo
 from moshivis.text import TextError, TextTokenizer
 from moshivis.vision import ImageEncoder, VisionError, preprocess
 
+pytestmark = pytest.mark.transformers
+
 SR, FRAME = 24000, 1920
 SEED = 5
 
@@ -227,6 +229,55 @@ def test_mimi_loads_from_kyutai_and_hugging_face_layouts(bundle, tmp_path):
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in real.state_dict().items()}
 
 
+def _cut_data(path: Path, keep: int = 16) -> None:
+    """Keep a safetensors file's header and `keep` bytes of its data: anything reading the data fails."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: 8 + int.from_bytes(raw[:8], "little") + keep])
+
+
+def kyutai_release(bundle, d: Path, mimi_name: str = "tokenizer-e351c8d8-checkpoint125.safetensors") -> Path:
+    """A folder laid out as Kyutai publishes MoshiVis (model + Mimi in Kyutai's layout + text tokenizer, no
+    config.json), the model's data cut short so that reading more than its header fails."""
+    d.mkdir()
+    tower = {f"image_prefix.enc.model.{k}": v for k, v in bundle["siglip"].state_dict().items()}
+    checkpoint.save({**bundle["weights"], **tower}, d / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in to_kyutai(bundle["mimi"]).items()}, str(d / mimi_name))
+    (d / "tokenizer_spm_32k_3.model").write_bytes(bundle["sp"])
+    return d
+
+
+def test_mimi_is_picked_from_a_folder_that_also_holds_the_model(bundle, tmp_path):
+    """`load_mimi(DIR)` on Kyutai's release folder reads Mimi's file only: found by its name, else by its keys
+    (headers only: the model's data is cut short here, so reading it would fail)."""
+    config = bundle["dir"] / "mimi" / "config.json"
+    d = kyutai_release(bundle, tmp_path / "release")
+    _cut_data(d / "model.safetensors")
+    for name in ("tokenizer-e351c8d8-checkpoint125.safetensors", "weights.safetensors"):  # by name, by keys
+        if name != "tokenizer-e351c8d8-checkpoint125.safetensors":
+            (d / "tokenizer-e351c8d8-checkpoint125.safetensors").rename(d / name)
+        loaded = load_mimi(d, config).model.state_dict()
+        assert loaded.keys() == bundle["mimi"].state_dict().keys()
+        assert all(torch.equal(loaded[k], v) for k, v in bundle["mimi"].state_dict().items()), name
+    (d / "weights.safetensors").unlink()
+    save_file({"vision.proj.weight": torch.zeros(2)}, str(d / "other.safetensors"))
+    with pytest.raises(AudioError, match=r"no Mimi weights in .*release .*: model\.safetensors: \d+ tensors "
+                                         r"\([\w.]+, [\w.]+, [\w.]+, \.\.\.\); other\.safetensors: 1 tensors "
+                                         r"\(vision\.proj\.weight\)"):
+        load_mimi(d, config)
+
+
+def test_chat_with_mimi_given_as_the_release_folder(bundle, capsys, tmp_path):
+    """`--mimi DIR` on Kyutai's release folder answers exactly as Mimi given in the Hugging Face layout."""
+    d = kyutai_release(bundle, tmp_path / "release")
+    rc, _, err = chat(bundle, capsys, "--quiet", **{"--out": str(tmp_path / "a.wav")})
+    assert rc == 0, err
+    rc, _, err = chat(bundle, capsys, "--quiet", **{"--checkpoint": str(d), "--mimi": str(d), "--out": str(tmp_path / "b.wav"),
+                                                    "--config": str(bundle["dir"] / "config.json"),
+                                                    "--mimi-config": str(bundle["dir"] / "mimi" / "config.json")})
+    assert rc == 0, err
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
 # ---- images ----------------------------------------------------------------------------------------
 def test_image_path_gives_the_features_and_kv_of_features_passed_directly(bundle):
     d, cfg = bundle["dir"], bundle["cfg"]
@@ -333,6 +384,7 @@ def _truncate(path: Path, keep: int):
     ("no tokenizer", r"no text tokenizer in .*ckpt: pass --tokenizer"),
     ("tokenizer corrupt", r"text tokenizer .*tokenizer_spm_32k_3\.model is not a SentencePiece model"),
     ("no checkpoint", r"checkpoint .*missing does not exist"),
+    ("checkpoint is a pickle", r"checkpoint .*model\.pt is not a \.safetensors file \(pickle is never loaded\)"),
 ])
 def test_bad_input_is_one_clear_error(bundle, capsys, tmp_path, case, pattern):
     d = bundle["dir"]
@@ -371,11 +423,13 @@ def test_bad_input_is_one_clear_error(bundle, capsys, tmp_path, case, pattern):
         folder = _variant(bundle, tmp_path, change=lambda f: _truncate(f / "tokenizer_spm_32k_3.model", 50))
     elif case == "no checkpoint":
         folder = tmp_path / "missing"
+    elif case == "checkpoint is a pickle":
+        folder = _variant(bundle, tmp_path, change=lambda f: torch.save(bundle["weights"], f / "model.pt")) / "model.pt"
     replace.setdefault("--out", str(tmp_path / "answer.wav"))
     rc, out, err = chat(bundle, capsys, "--quiet", **{"--checkpoint": str(folder)}, **replace)
     assert rc == 2
     lines = err.strip().splitlines()
-    assert lines[0].startswith("error: ") and re.search(pattern, err), err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, err), err
     assert not (tmp_path / "answer.wav").exists()
 
 

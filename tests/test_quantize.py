@@ -3,6 +3,7 @@ int8 self-attention KV cache's model-level quality, alone and with INT8 weights.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_int8_kv_quality_on_a_600_frame_small_stream(one_thread):
     assert_quality("small, 600 frames", ref, {"int8 KV": int8_kv, "int8 KV + int8 weights": both})
 
 
-def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):
+def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg, capsys):
     with safe_open(str(int8_file), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     scale = "llm.transformer.layers.1.gating.linear_out.SCB"
@@ -117,9 +118,9 @@ def test_bad_quantized_files_name_the_problem(int8_file, tmp_path, tiny_cfg):
         checkpoint.load(tmp_path / "b.safetensors", tiny_cfg, weights="int8")
     with pytest.raises(CheckpointError, match=r"load it with weights='int8'"):
         checkpoint.load(int8_file, tiny_cfg)
-    with pytest.raises(CheckpointError, match=r"is already int8"):
-        quantize_main(["--checkpoint", str(int8_file), "--config", str(tiny_cfg_path(tmp_path, tiny_cfg)),
-                       "--out", str(tmp_path / "c.safetensors")])
+    assert quantize_main(["--checkpoint", str(int8_file), "--config", str(tiny_cfg_path(tmp_path, tiny_cfg)),
+                          "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert re.fullmatch(r"error: .* is already int8: .*model-int8\.safetensors is quantized\n", capsys.readouterr().err)
 
 
 def tiny_cfg_path(tmp_path, cfg):
