@@ -242,3 +242,45 @@ def test_quantize_bad_input(golden_dir, tiny_weights, tmp_path, case, pattern):
 def test_bench_argument_errors(command, pattern):
     module, *args = command.replace("CUDA", MISSING_CUDA).split()
     assert_one_line_error(run(module, *args), pattern)
+
+
+# ---- moshivis.server --------------------------------------------------------------------------------
+@pytest.mark.parametrize("case, pattern", [
+    ("checkpoint missing", r"checkpoint .*nowhere\.safetensors does not exist"),
+    ("config missing", r"config .*nowhere\.json does not exist"),
+    ("unknown preset", r"argument --preset: unknown preset 'huge'"),
+    ("checkpoint key missing", r"missing keys \(1\): llm\.out_norm\.alpha"),
+    ("no streams", r"argument --max-streams: must be a positive integer, got 0"),
+    ("budget too small", r"--memory-budget-mb 0\.001: not enough for one stream"),
+    ("bad mode", r"argument --mode: invalid choice"),
+    ("bad tick", r"tick_ms must be a number > 0"),
+    ("web root missing", r"--web-root .*nowhere is not a folder"),
+    ("tls half", r"--ssl-cert and --ssl-key go together"),
+])
+def test_server_bad_input(golden_copy, tiny_weights, tmp_path, case, pattern):
+    cfg = ["--config", str(golden_copy / "config.json")]
+    args = {
+        "checkpoint missing": [*cfg, "--checkpoint", tmp_path / "nowhere.safetensors"],
+        "config missing": ["--config", tmp_path / "nowhere.json"],
+        "unknown preset": ["--preset", "huge"],
+        "checkpoint key missing": [*cfg, "--checkpoint", tmp_path / "broken.safetensors"],
+        "no streams": ["--max-streams", "0"],
+        "budget too small": ["--memory-budget-mb", "0.001"],
+        "bad mode": ["--mode", "fast"],
+        "bad tick": ["--tick-ms", "0"],
+        "web root missing": ["--web-root", tmp_path / "nowhere"],
+        "tls half": ["--ssl-cert", tmp_path / "cert.pem"],
+    }[case]
+    if case == "checkpoint key missing":
+        save_file({k: v for k, v in tiny_weights.items() if k != "llm.out_norm.alpha"}, tmp_path / "broken.safetensors")
+    assert_one_line_error(run("moshivis.server", *args, "--port", "0", timeout=120), pattern)
+
+
+def test_server_port_in_use():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_one_line_error(run("moshivis.server", "--preset", "tiny", "--port", port, timeout=120),
+                              rf"port {port} on 127\.0\.0\.1 is already in use")

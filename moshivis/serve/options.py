@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, cli
 from ..config import MoshiVisConfig, preset
 from ..engine import Engine
 from ..state import StreamState, add_kv_dtype_arg
@@ -36,17 +36,17 @@ def max_streams_for_budget(cfg: MoshiVisConfig, dtype: torch.dtype, budget_bytes
 
 # ---- the engine -----------------------------------------------------------------------------------
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--preset", default="small", help="model sizes (ignored with --config)")
+    ap.add_argument("--preset", default="small", type=cli.preset_name, help="model sizes (ignored with --config)")
     ap.add_argument("--config", help="config.json of the checkpoint")
     ap.add_argument("--checkpoint", help=".safetensors file or directory of shards (default: seeded random weights)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=cli.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--max-streams", type=int, default=8)
-    ap.add_argument("--max-images", type=int, help="image pool slots (default: max streams)")
+    ap.add_argument("--max-streams", type=cli.positive_int, default=8)
+    ap.add_argument("--max-images", type=cli.positive_int, help="image pool slots (default: max streams)")
     ap.add_argument("--memory-budget-mb", type=float, help="cap max streams by the K/V + image memory model")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (1 is best on a busy 2-core machine)")
+    ap.add_argument("--threads", type=cli.positive_int, help="torch CPU threads (1 is best on a busy 2-core machine)")
     add_kv_dtype_arg(ap)
 
 
@@ -64,15 +64,11 @@ def build_engine(args, cfg: MoshiVisConfig | None = None, weights: dict | None =
         weights = {k: v.to(device=args.device, dtype=dtype if v.is_floating_point() else v.dtype)
                    for k, v in weights.items()}
     max_streams = args.max_streams
-    if isinstance(max_streams, int) and max_streams < 1:
-        raise ValueError(f"--max-streams must be at least 1, got {max_streams}")
     if args.memory_budget_mb is not None:
         max_streams = min(max_streams, max_streams_for_budget(cfg, dtype, int(args.memory_budget_mb * 2 ** 20),
                                                               args.kv_dtype))
         if max_streams < 1:
             raise ValueError(f"--memory-budget-mb {args.memory_budget_mb}: not enough for one stream")
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
     engine = Engine(cfg, weights, max_streams=max_streams, backend=args.backend,
                     max_images=args.max_images or max_streams, kv_dtype=args.kv_dtype)
     if engine.device.type == "cuda":

@@ -16,17 +16,16 @@ Bad options or files: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import logging
 import signal
 import ssl
-import sys
 from pathlib import Path
 
 import torch
 
+from .. import cli
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from .local import WEB_ROOT, Server
@@ -84,39 +83,33 @@ async def _serve(args) -> None:
     await server.wait_closed()
 
 
+@cli.guard(ConfigError, CheckpointError, MediaError, ValueError, ImportError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m moshivis.server", description=__doc__)
     add_engine_args(ap)
     add_server_args(ap)
     add_media_args(ap)
     ap.add_argument("--demo", action="store_true", help="a tiny random model with Mimi, SigLIP and a tokenizer made "
                                                         "on the fly (ignores --config/--checkpoint/--mimi/...)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    ap.add_argument("--port", type=int, default=8998)
+    ap.add_argument("--port", type=cli.non_negative_int, default=8998, help="0: any free port")
     ap.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers need it for the microphone "
                                        "anywhere but localhost)")
     ap.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
     ap.add_argument("--web-root", type=Path, default=WEB_ROOT,
                     help="folder served at / (default: our page; e.g. Kyutai's built web client)")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
+    if not args.web_root.is_dir():
+        raise cli.UsageError(f"--web-root {args.web_root} is not a folder")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(_serve(args))
-    except (ConfigError, CheckpointError, MediaError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            print(f"error: port {args.port} on {args.host} is already in use (pick another with --port)",
-                  file=sys.stderr)
-            return 2
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+            raise cli.UsageError(f"port {args.port} on {args.host} is already in use (pick another with --port)") \
+                from None
+        raise
     except KeyboardInterrupt:
-        return 0
+        pass
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
