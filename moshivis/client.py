@@ -78,10 +78,14 @@ class Client:
 
     async def open(self, seed: int = 0, sampling: SamplingParams | None = None,
                    image: torch.Tensor | None = None, ref=None, image_file: bytes | None = None,
-                   audio: str = "tokens") -> dict:
+                   audio: str = "tokens", xa_start: int = 0, image_resolution: int | None = None,
+                   center_crop: bool | None = None) -> dict:
         """Open the stream and wait for the answer: the `opened` header, or ServerError.
-        `audio`: "tokens" or "pcm" (what `audio` messages carry); `image_file`: PNG/JPEG bytes."""
-        await self.send(P.open_message(seed, sampling, image, ref, image_file, audio))
+        `audio`: "tokens" or "pcm" (what `audio` messages carry); `image_file`: the bytes of an image file
+        (resized to `image_resolution`, after a centre crop with `center_crop`); `xa_start`: the frame from
+        which the stream looks at its image."""
+        await self.send(P.open_message(seed, sampling, image, ref, image_file, audio, xa_start, image_resolution,
+                                       center_crop))
         msg = await self.recv()
         if msg is None:
             raise ServerError("closed", "the server closed the connection before answering the open")

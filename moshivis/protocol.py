@@ -15,9 +15,9 @@ Every message is checked before it is acted on, against `Limits` (`Limits.for_co
 most `max_header_bytes` (4 KiB), payload at most `max_payload_bytes` (one float32 image + 64 KiB),
 at most 4 tensors of at most 4 dims, and each tensor's shape against the model config. A server
 that decodes image files raises the payload limit to its image file limit (`max_image_file_bytes`,
-4 MiB by default) + 64 KiB. A message that breaks a rule gets an `error` reply naming the rule; the
-session goes on. A message over twice the largest valid one is cut by the transport (WebSocket close
-1009, message too big).
+16 MiB by default) + 64 KiB. A message that breaks a rule gets an `error` reply naming the rule; the
+session goes on. A message over the largest valid one is cut by the transport (WebSocket close 1009,
+message too big).
 
 Two ways to speak, chosen per session at `open` (`audio`): "tokens" (the default: Mimi codes in,
 the model's tokens out) or "pcm" (24 kHz mono audio in and out, `PCM_FRAME` = 1920 samples = one
@@ -31,21 +31,26 @@ are answered with error `unsupported`, naming the missing option.
 Client -> server (`ref`: optional int or string of at most 64 characters, echoed in the reply):
 
   open   {seed: int in [0, 2**63), sampling?: {temperature_text, top_k_text, temperature_audio,
-          top_k_audio} (missing keys: Kyutai's defaults), ref?} + optional tensor
-          `image` [num_image_tokens, image_encoder_dim] float or `image_file` uint8 [bytes] (PNG or
-          JPEG, at most `max_image_file_bytes`); audio?: "tokens" (default) or "pcm". Once per
-          connection (an open answered with `error` may be sent again).
+          top_k_audio, repetition_penalty, repetition_penalty_context} (missing keys: Kyutai's
+          defaults, no repetition penalty), xa_start?: frame from which the stream looks at its image
+          (default 0), ref?} + optional tensor `image` [num_image_tokens, image_encoder_dim] float or
+          `image_file` uint8 [bytes] (PNG, JPEG, WebP, GIF or BMP, at most `max_image_file_bytes`;
+          header fields image_resolution?: the square side it is resized to, center_crop?: bool);
+          audio?: "tokens" (default) or "pcm". Once per connection (an open answered with `error`
+          may be sent again). Must come within the server's open timeout (5 s by default).
   audio  {ref?} + one tensor for one frame, as the session chose at open:
           tokens: `tokens` [num_audio_in] int, the user's codebooks, each in [0, audio_card) or -1
           (the zero token);
           pcm: `pcm` [1920] float32 (in [-1, 1]) or int16 (full scale 32768), 24 kHz mono samples.
-          Queued (at most `max_queued_frames`, else error queue_full); one is consumed per frame.
-          The stream is stepped from the first frame after its first audio message; from then on a
-          frame that finds its queue empty feeds it silence (tokens: the zero token on every
-          codebook; pcm: 1920 zero samples through the stream's encoder) and says so (`seq` null).
+          Queued (at most `max_queued_frames`, else error queue_full); the stream is stepped when its
+          input has arrived, one input per frame, in order (late input is waited for, never replaced
+          by silence; a stream behind gets catch-up frames). A stream that sends nothing for the
+          server's input timeout (10 s by default) is closed (error input_timeout, fatal).
   image  {ref?} + optional tensor `image` [num_image_tokens, image_encoder_dim] or `image_file`
-          (as in open): attach or replace the image; no tensor removes it. One at a time: wait for
-          its `image_set` (or error) before sending the next.
+          (as in open, with its image_resolution / center_crop): attach or replace the image; no
+          tensor removes it. One at a time: wait for its `image_set` (or error) before sending the
+          next; at most 3 images at once (the open's included), then one per image interval (error
+          rate_limited).
   close  {ref?}: end the conversation (queued audio not yet consumed is discarded); the server
           answers `closed` and closes the connection.
 
@@ -63,9 +68,8 @@ Server -> client:
              output for its frame number `frame` (0, 1, 2, ... for this stream; `tick` counts the
              server's frames): text token then the audio codebooks, -2 during warm-up. `seq` is the
              index (0, 1, ...) among this stream's accepted audio messages of the input consumed in
-             this frame, and `ref` that message's ref; both are null when the stream had no queued
-             input and was fed silence (the zero token -1 on every codebook). `frame_ms`: the
-             server's time from the frame's due time to its tokens; `step_ms`: its engine step.
+             this frame, and `ref` that message's ref. `frame_ms`: the server's time from the frame's
+             due time to its tokens; `step_ms`: its engine step.
              pcm sessions also get tensor `pcm` [1920] float32: the frame's audio tokens through the
              stream's Mimi decoder; during warm-up (tokens -2) it is 1920 zeros (silence) and the
              decoder is not stepped, so the model's speech starts at frame `max_delay`.
@@ -83,14 +87,18 @@ Server -> client:
 Error codes: bad_message (not binary, bad layout, bad JSON, unknown type or field, bad value, the
 other session kind's audio tensor), too_large, out_of_order (audio/image/close before open, open
 twice, a second image change before the first is applied), bad_tokens, bad_audio (a PCM frame of
-the wrong length, dtype, or with NaN), bad_image (bad features; an image file that is not a PNG or
-JPEG Pillow can decode, or is too large once decoded), unsupported (pcm or image files on a server
-started without the option they need), queue_full, image_pool_full, internal. A client that
-leaves `max_outbox` replies unread is disconnected (counted as slow_client). Beyond
-`max_connections` sessions, or while shutting down, the WebSocket handshake is answered HTTP 503.
+the wrong length, dtype, or with NaN), bad_image (bad features; an image file Pillow cannot decode,
+or over 16 Mpixels), unsupported (pcm or image files on a server started without the option they
+need), queue_full, image_pool_full, rate_limited, busy (too many images waiting for the encoder),
+internal; fatal ones, each followed by the close: open_timeout, input_timeout, evicted (a connection
+without a stream made room for a newer one). A client that leaves `max_outbox` replies unread is
+disconnected (counted as slow_client). With every connection holding a stream, or while shutting
+down, the WebSocket handshake is answered HTTP 503. A message over the connection's limit (the
+largest valid one) closes the connection (WebSocket code 1009).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -114,7 +122,7 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _INT_DTYPES = {"int16", "int32", "int64"}
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32"}
-_SAMPLING_KEYS = ("temperature_text", "top_k_text", "temperature_audio", "top_k_audio")
+_SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 _MAX_REF_CHARS = 64
 
 if sys.byteorder != "little":  # raw tensor bytes are sent as they lie in memory
@@ -444,7 +452,8 @@ def _image_tensors(image: torch.Tensor | None, image_file: bytes | None) -> dict
 
 
 def open_message(seed: int = 0, sampling: SamplingParams | None = None, image: torch.Tensor | None = None,
-                 ref=None, image_file: bytes | None = None, audio: str = "tokens") -> bytes:
+                 ref=None, image_file: bytes | None = None, audio: str = "tokens", xa_start: int = 0,
+                 image_resolution: int | None = None, center_crop: bool | None = None) -> bytes:
     header: dict = {"type": "open", "seed": seed}
     if sampling is not None:
         header["sampling"] = {k: getattr(sampling, k) for k in _SAMPLING_KEYS}
@@ -452,6 +461,11 @@ def open_message(seed: int = 0, sampling: SamplingParams | None = None, image: t
         header["ref"] = ref
     if audio != "tokens":
         header["audio"] = audio
+    if xa_start:
+        header["xa_start"] = xa_start
+    for key, value in (("image_resolution", image_resolution), ("center_crop", center_crop)):
+        if value is not None:
+            header[key] = value
     return encode(header, _image_tensors(image, image_file))
 
 

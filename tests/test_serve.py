@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import gc
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from moshivis import Engine, SamplingParams, preset, random_init
@@ -85,13 +87,13 @@ def features(cfg, gen) -> torch.Tensor:
 
 async def talk(port: int, seed: int, user: torch.Tensor, sampling: SamplingParams | None = None,
                image: torch.Tensor | None = None, image_changes: dict | None = None, ahead: int = 2,
-               start_delay: float = 0.0) -> dict:
+               start_delay: float = 0.0, xa_start: int = 0) -> dict:
     """One conversation: `user` [8, T] with at most `ahead` frames in flight; `image_changes`
     {input index: features or None} sends an image message just before that input."""
     await asyncio.sleep(start_delay)
     image_changes = image_changes or {}
     async with await Client.connect(HOST, port) as c:
-        await c.open(seed, sampling, image)
+        await c.open(seed, sampling, image, xa_start=xa_start)
         T = user.shape[1]
         sent = answered = 0
         frames, events, pending = {}, [], {}
@@ -128,11 +130,12 @@ async def talk(port: int, seed: int, user: torch.Tensor, sampling: SamplingParam
     return {"frames": frames, "images": events}
 
 
-def replay_alone(engine: Engine, cfg, seed: int, sampling, image, user: torch.Tensor, record: dict) -> tuple:
+def replay_alone(engine: Engine, cfg, seed: int, sampling, image, user: torch.Tensor, record: dict,
+                 xa_start: int = 0) -> tuple:
     """The same stream through `engine` alone: (server tokens, engine tokens), both [9, F]."""
     frames = record["frames"]
     assert sorted(frames) == list(range(len(frames))), "frames must be numbered 0, 1, ... without gaps"
-    sid = engine.open_stream(seed=seed, image=image, sampling=sampling)
+    sid = engine.open_stream(seed=seed, image=image, sampling=sampling, xa_start=xa_start)
     silence = torch.full((cfg.num_audio_in,), -1)
     want = []
     for f in range(len(frames)):
@@ -287,6 +290,27 @@ def test_32_concurrent_clients_match_each_stream_run_alone(cfg, weights, gen):
     s, record = specs[0], records[0]
     got, greedy = replay_alone(alone, cfg, s["seed"], SamplingParams.greedy(), s["image"], s["user"], record)
     assert not torch.equal(got, greedy)
+
+
+def test_native_sessions_carry_xa_start_and_the_repetition_penalty(tiny_cfg, tiny_weights, golden_streams):
+    """An open's xa_start and repetition penalty reach the stream: its tokens equal the engine's with the
+    same options (the engine is checked against moshivis.reference in test_engine) and differ without
+    them (the golden model, whose image and text matter)."""
+    cfg, stream = tiny_cfg, golden_streams["stream_image_b2"]
+    user, image = stream["user_audio_tokens"][0], stream["image_features"][0]
+    sampling = dataclasses.replace(SamplingParams.greedy(), repetition_penalty=1.5, repetition_penalty_context=8)
+
+    async def scenario():
+        async with serving(Engine(cfg, tiny_weights, max_streams=1)) as server:
+            return await talk(server.port, seed=4, user=user, sampling=sampling, image=image, xa_start=10)
+
+    record = run(scenario())
+    got, want = replay_alone(Engine(cfg, tiny_weights), cfg, 4, sampling, image, user, record, xa_start=10)
+    assert torch.equal(got, want)
+    _, plain = replay_alone(Engine(cfg, tiny_weights), cfg, 4, SamplingParams.greedy(), image, user, record,
+                            xa_start=10)
+    _, early = replay_alone(Engine(cfg, tiny_weights), cfg, 4, sampling, image, user, record)
+    assert not torch.equal(got, plain) and not torch.equal(got, early)
 
 
 def test_bad_messages_get_an_error_for_that_client_only(cfg, weights, gen):
@@ -822,9 +846,12 @@ def test_bad_image_files_and_pcm_frames_get_errors_for_that_client_only(chat_fil
     from moshivis.client import converse_pcm
     f, cfg = chat_files, chat_files["cfg"]
     truncated, text = f["png"][:200], b"not a picture at all"
+    huge = io.BytesIO()
+    Image.new("RGB", (5000, 5000), (90, 120, 200)).save(huge, format="PNG")  # 25 Mpixels in a small file
     frame = torch.zeros(P.PCM_FRAME)
     before_open = [
         (P.open_message(image_file=truncated, audio="pcm"), "bad_image", r"open: image file is corrupt or truncated"),
+        (P.open_message(image_file=huge.getvalue()), "bad_image", r"5000x5000 pixels, over the limit of 16777216"),
         (P.open_message(image_file=text), "bad_image", r"open: image file is not an image Pillow can read"),
         (P.open_message(image_file=f["png"], image=torch.zeros(16, 24)), "bad_message", "not both"),
         (P.open_message(audio="wav"), "bad_message", r"audio must be one of \['tokens', 'pcm'\]"),
@@ -854,7 +881,7 @@ def test_bad_image_files_and_pcm_frames_get_errors_for_that_client_only(chat_fil
                 assert (msg.type, msg.header["seq"], msg.header["ref"], msg.header["text"]) == ("frame", 0, "ok", "")
                 assert msg.tensors["pcm"].shape == (1920,) and not msg.tensors["pcm"].any()  # warm-up: silence
             result = await good
-            assert server.metrics.errors["bad_image"] == 3 and server.metrics.errors["bad_audio"] == 3
+            assert server.metrics.errors["bad_image"] == 4 and server.metrics.errors["bad_audio"] == 3
             return result
 
     assert_same_as_chat(run(scenario()), *chat_answer(f, f["question"], SEED_A, image=True), cfg.max_delay)
