@@ -16,24 +16,14 @@ import time
 import pytest
 import torch
 
-from moshivis import Engine, preset, random_init
+from moshivis import Engine
 from moshivis import protocol as P
 from moshivis.client import Client
-from test_serve import HOST, metrics_text, parse_metrics, run, server_process, serving
+from test_serve import cfg, HOST, metrics_text, parse_metrics, run, server_process, serving, weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TICK_MS = 80.0
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_init(cfg, seed=0)
 
 
 async def paced_client(port: int, cfg, frames: int, stall: tuple[int, float] | None = None, seed: int = 0,
