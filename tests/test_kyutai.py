@@ -267,3 +267,32 @@ def test_query_parameters_map_onto_the_stream():
     assert req.seed == seed_of(12, 34) and req.xa_start == 16 and max_steps == 100 and req.audio == "pcm"
     assert req.image_options == {"resolution": 500, "center_crop": True}
     assert parse_query({})[0].seed != parse_query({})[0].seed  # random without seeds
+
+
+def test_wss_and_https_with_a_certificate(chat_files, tmp_path):
+    """--ssl-cert/--ssl-key: the page over https and /api/chat over wss (moshi-cli speaks only wss)."""
+    import ssl
+    import subprocess
+    import urllib.request
+
+    from moshivis.serve.main import ssl_context
+    f, cfg = chat_files, chat_files["cfg"]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=1), media=f["media"],
+                           ssl=ssl_context(str(cert), str(key))) as server:
+            loop = asyncio.get_running_loop()
+            page = await loop.run_in_executor(None, lambda: urllib.request.urlopen(
+                f"https://{HOST}:{server.port}/", context=client_ctx, timeout=10).read())
+            async with wsc.connect(f"wss://{HOST}:{server.port}/api/chat", ssl=client_ctx) as ws:
+                await ws.send(bytes([AUDIO]) + opus_pages(f["question"])[0])
+                first = await asyncio.wait_for(ws.recv(), 30)
+            return page, first
+
+    page, first = run(scenario())
+    assert b"<title>" in page and first[:1] == bytes([HANDSHAKE])

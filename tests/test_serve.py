@@ -72,9 +72,9 @@ def run(coro, timeout: float = 60.0):
 
 
 @contextlib.asynccontextmanager
-async def serving(engine: Engine, media=None, **config):
+async def serving(engine: Engine, media=None, ssl=None, **config):
     config = {"mode": "lockstep", "tick_ms": 2000.0, **config}
-    server = await Server(engine, ServerConfig(host=HOST, port=0, **config), media).start()
+    server = await Server(engine, ServerConfig(host=HOST, port=0, **config), media, ssl=ssl).start()
     try:
         yield server
     finally:
