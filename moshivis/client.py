@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from . import protocol as P
 from .engine import SamplingParams
@@ -51,6 +52,16 @@ class ServerError(RuntimeError):
         self.code = code
 
 
+def image_key(image: torch.Tensor | None = None, image_file: bytes | None = None) -> str | None:
+    """The stream's image as a routing key (sha256 of the features' bytes or of the file): sent as the
+    `x-session-id` header, so a cluster (`moshivis.cluster`) routes streams of one image to one engine."""
+    if image is not None:
+        return hashlib.sha256(image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    if image_file is not None:
+        return hashlib.sha256(image_file).hexdigest()
+    return None
+
+
 class Client:
     """One WebSocket session. `recv()` returns decoded messages, None once the connection is closed."""
 
@@ -60,11 +71,29 @@ class Client:
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = 8998, limits: P.Limits | None = None,
-                      open_timeout: float = 10.0) -> "Client":
+                      open_timeout: float = 10.0, session_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> "Client":
+        """`session_id`: the routing key (`image_key` of the image the stream will open with), sent as the
+        `x-session-id` header; `headers`: more handshake headers."""
         limits = limits or P.Limits()
-        ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
-                           max_size=limits.max_message_bytes)
+        extra = {**(headers or {}), **({"x-session-id": session_id} if session_id else {})}
+        try:
+            ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
+                               max_size=limits.max_message_bytes, additional_headers=extra or None)
+        except InvalidStatus as e:  # e.g. a cluster whose replicas and queue are all full: 503 at the handshake
+            r = e.response
+            body = r.body.decode(errors="replace").strip()[:200] if r.body else ""
+            raise ServerError("refused", f"the server refused the connection: HTTP {r.status_code} "
+                                         f"{r.reason_phrase}{': ' + body if body else ''}") from None
         return cls(ws, limits)
+
+    @property
+    def closed_why(self) -> str:
+        """How the connection ended, for error messages: the server's close code and reason, or a loss."""
+        code, reason = self.ws.close_code, self.ws.close_reason
+        if code is None or code == 1006:
+            return "connection lost without a close frame (1006): the server (or its replica) died or the network failed"
+        return f"connection closed by the server ({code}{': ' + reason if reason else ''})"
 
     async def send(self, data: bytes) -> None:
         await self.ws.send(data)
@@ -83,7 +112,7 @@ class Client:
         await self.send(P.open_message(seed, sampling, image, ref, image_file, audio))
         msg = await self.recv()
         if msg is None:
-            raise ServerError("closed", "the server closed the connection before answering the open")
+            raise ServerError("closed", f"no answer to the open: {self.closed_why}")
         if msg.type == "refused":
             raise ServerError(msg.header["code"], msg.header["reason"])
         if msg.type == "error":
@@ -144,7 +173,7 @@ async def _exchange(c: Client, opened: dict, send, T: int, ahead: int, realtime:
         while answered < T:
             msg = await c.recv()
             if msg is None:
-                raise ServerError("closed", f"the server closed the connection after {answered}/{T} frames")
+                raise ServerError("closed", f"after {answered}/{T} frames: {c.closed_why}")
             if msg.type == "frame":
                 frames[msg.header["frame"]] = msg
                 if msg.header["seq"] is not None:
@@ -177,7 +206,7 @@ async def converse(host: str, port: int, user_tokens: torch.Tensor, image: torch
     if user_tokens.dim() != 2:
         raise ValueError(f"user tokens must be [num_audio_in, T], got shape {list(user_tokens.shape)}")
     T = user_tokens.shape[1]
-    async with await Client.connect(host, port) as c:
+    async with await Client.connect(host, port, session_id=image_key(image, image_file)) as c:
         opened = await c.open(seed, sampling, image, image_file=image_file)
         frames, input_frames = await _exchange(c, opened, lambda t: c.audio(user_tokens[:, t]), T, ahead, realtime)
     last = input_frames[-1] if T else -1
@@ -199,7 +228,7 @@ async def converse_pcm(host: str, port: int, question: torch.Tensor, image: torc
         raise ValueError(f"question must be mono float or int16 samples [samples > 0], got {question.dtype} "
                          f"{list(question.shape)}")
     n = question.shape[0]
-    async with await Client.connect(host, port) as c:
+    async with await Client.connect(host, port, session_id=image_key(image, image_file)) as c:
         opened = await c.open(seed, sampling, image, image_file=image_file, audio="pcm")
         frame = opened["frame_size"]
         T = -(-n // frame) + opened["config"]["max_delay"]
