@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 BENCH_ARGS ?=
 
-.PHONY: setup bench test test-web audit suite-cpu bench-host clean
+.PHONY: setup setup-cluster bench test test-web test-cluster audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
@@ -17,11 +18,22 @@ $(STAMP): requirements-cpu.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Ray Serve (moshivis.cluster) on top of the CPU set-up: CI installs it, so `make test` runs
+# tests/test_cluster.py too (without it those tests skip).
+setup-cluster: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP) requirements-cluster.txt
+	$(PY) -m pip install -q -r requirements-cluster.txt
+	touch $(CLUSTER_STAMP)
+
 bench: $(STAMP)
 	$(PY) -m bench.frame_latency $(BENCH_ARGS)
 
 test: $(STAMP) test-web
 	$(PY) -m pytest tests -q
+
+test-cluster: $(CLUSTER_STAMP)
+	$(PY) -m pytest tests/test_cluster.py -q
 
 # The browser page's JavaScript (moshivis/serve/web/): node's built-in test runner, no npm packages.
 test-web:

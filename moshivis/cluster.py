@@ -26,6 +26,8 @@ import time
 # (Ray's switch for this is named after the platforms where it is the default).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Serve's proxy closes the WebSockets of a replica that died with a reason (1011) instead of dropping them.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "moshivis.serve.router:proxy_middlewares")
 
 from .serve.options import add_engine_args, add_media_args, add_server_args  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""Serve request router for `ray_app`: a WebSocket is routed once, at its handshake, to one replica.
+"""What `ray_app` runs inside Serve's proxy: the request router, and a middleware for lost replicas.
+
+The router: a WebSocket is routed once, at its handshake, to one replica.
 
 Policy, per connection (its affinity key is Serve's session id: the `x-session-id` header, which
 `moshivis.client` sets to the hash of the stream's image):
@@ -19,16 +21,23 @@ connections, so the replicas' own reports (`routing_stats`: open streams, the ke
 period late) are merged in: a replica is full if either count says so, a key held by any replica
 counts, and replicas are ordered by this router's count first (exact, where the reports lag), then
 by the reported one.
+
+The middleware (`proxy_middlewares`, named by `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` in the
+proxy's environment; `python -m moshivis.cluster` sets it): when the replica holding a WebSocket
+dies, the proxy alone drops the client's TCP connection (1006, no reason); with it, the client gets a
+close frame, 1011 and LOST_REASON.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import time
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 RESERVATION_S = 30.0
+LOST_REASON = "the engine replica serving this stream died; open a new stream"
 
 
 class ImageAffinityRouter(RequestRouter):
@@ -106,3 +115,42 @@ class ImageAffinityRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._free(internal_request_id, replica_id)
+
+
+class CloseLostWebSockets:
+    """ASGI middleware (Serve's proxy): a WebSocket that the replica side ended without a close is closed
+    with 1011 and LOST_REASON instead of being dropped."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        state = {"open": False}
+
+        async def watch_send(message):
+            if message["type"] == "websocket.accept":
+                state["open"] = True
+            elif message["type"] == "websocket.close":
+                state["open"] = False
+            await send(message)
+
+        async def watch_receive():
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                state["open"] = False
+            return message
+
+        try:
+            await self.app(scope, watch_receive, watch_send)
+        finally:
+            if state["open"]:
+                with contextlib.suppress(Exception):  # the client may be gone too
+                    await send({"type": "websocket.close", "code": 1011, "reason": LOST_REASON})
+
+
+def proxy_middlewares() -> list:
+    """Serve's HTTP proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=moshivis.serve.router:proxy_middlewares)."""
+    from starlette.middleware import Middleware
+    return [Middleware(CloseLostWebSockets)]
