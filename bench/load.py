@@ -26,9 +26,9 @@ import contextlib
 import time
 
 import torch
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from moshivis.client import Client, ServerError, image_key
+from moshivis.client import Client, ServerError, image_key, refusal
 from moshivis.serve import Server
 from moshivis.serve.options import add_engine_args, add_server_args, build_engine, server_config
 
@@ -66,8 +66,8 @@ async def run_client(i: int, host: str, port: int, cfg_image: tuple[int, int], i
     except OSError as e:
         stats["errors"].append(f"client {i}: connect: {e}")
         return
-    except ServerError as e:  # refused at the handshake (a full cluster)
-        stats["refusals"].append(f"client {i}: {e}")
+    except InvalidStatus as e:  # refused at the handshake (too many connections, a full cluster)
+        stats["refusals"].append(f"client {i}: {refusal(e)}")
         return
     async with c:
         try:

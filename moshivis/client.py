@@ -62,6 +62,13 @@ def image_key(image: torch.Tensor | None = None, image_file: bytes | None = None
     return None
 
 
+def refusal(e: InvalidStatus) -> str:
+    """A refused handshake in words: the HTTP status and the server's explanation."""
+    r = e.response
+    body = r.body.decode(errors="replace").strip()[:200] if r.body else ""
+    return f"the server refused the connection: HTTP {r.status_code} {r.reason_phrase}{': ' + body if body else ''}"
+
+
 class Client:
     """One WebSocket session. `recv()` returns decoded messages, None once the connection is closed."""
 
@@ -74,17 +81,13 @@ class Client:
                       open_timeout: float = 10.0, session_id: str | None = None,
                       headers: dict[str, str] | None = None) -> "Client":
         """`session_id`: the routing key (`image_key` of the image the stream will open with), sent as the
-        `x-session-id` header; `headers`: more handshake headers."""
+        `x-session-id` header; `headers`: more handshake headers. A server refusing the connection at the
+        handshake (too many connections; a cluster whose replicas and queue are all full) raises websockets'
+        InvalidStatus (`refusal` words it)."""
         limits = limits or P.Limits()
         extra = {**(headers or {}), **({"x-session-id": session_id} if session_id else {})}
-        try:
-            ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
-                               max_size=limits.max_message_bytes, additional_headers=extra or None)
-        except InvalidStatus as e:  # e.g. a cluster whose replicas and queue are all full: 503 at the handshake
-            r = e.response
-            body = r.body.decode(errors="replace").strip()[:200] if r.body else ""
-            raise ServerError("refused", f"the server refused the connection: HTTP {r.status_code} "
-                                         f"{r.reason_phrase}{': ' + body if body else ''}") from None
+        ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
+                           max_size=limits.max_message_bytes, additional_headers=extra or None)
         return cls(ws, limits)
 
     @property
@@ -303,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InvalidStatus as e:
+        print(f"error: {refusal(e)}", file=sys.stderr)
+        return 1
     save_file({k: v.contiguous() for k, v in result.items()}, args.out)
     silent = result["tokens"].shape[1] - user.shape[1]
     print(f"{args.out}: {result['tokens'].shape[1]} frames for {user.shape[1]} inputs"
@@ -322,6 +328,9 @@ def _speak(args, sampling: SamplingParams, image: torch.Tensor | None, image_fil
                                           args.realtime, image_file))
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except InvalidStatus as e:
+        print(f"error: {refusal(e)}", file=sys.stderr)
         return 1
     if result["transcript"] is not None:
         print(result["transcript"], flush=True)

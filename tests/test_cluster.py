@@ -32,7 +32,8 @@ ray = pytest.importorskip("ray", reason="needs ray[serve] (pip install -e '.[clu
 import torch  # noqa: E402
 
 from moshivis import Engine, preset, random_init  # noqa: E402
-from moshivis.client import Client, ServerError, image_key  # noqa: E402
+from moshivis.client import Client, ServerError, image_key, refusal  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
 from moshivis.serve.ray_app import DEPLOYMENT, HEADROOM  # noqa: E402
 from moshivis.serve.router import LOST_REASON  # noqa: E402
 from test_serve import HOST, features, parse_metrics, replay_alone, run  # noqa: E402
@@ -200,6 +201,8 @@ class Conversation:
                 await asyncio.gather(sender, return_exceptions=True)
         except ServerError as e:
             self.end = f"{e.code}: {e}"
+        except InvalidStatus as e:
+            self.end = f"refused: {refusal(e)}"
         finally:
             self.opened.set()
         return self
@@ -310,6 +313,8 @@ def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(c
                     await c.open(99, None, image)
             except ServerError as e:
                 return e.code, str(e)
+            except InvalidStatus as e:
+                return "refused", refusal(e)
             return "opened", ""
 
         one_more = await extra(a)
