@@ -78,14 +78,14 @@ def app_args(args: argparse.Namespace) -> dict:
 
 def serve_config(args: argparse.Namespace) -> dict:
     """The Serve config (what `serve deploy` takes) for these options."""
-    from .serve.ray_app import COLLECTOR, DEPLOYMENT, HEADROOM, max_streams, option_argv
+    from .serve.ray_app import APP, COLLECTOR, DEPLOYMENT, HEADROOM, max_streams, option_argv
     options = app_args(args)
     streams = max_streams(option_argv(options))
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": args.host, "port": args.port},
         "applications": [{
-            "name": "moshivis", "route_prefix": "/", "import_path": IMPORT_PATH, "args": options,
+            "name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": options,
             "deployments": [
                 {"name": DEPLOYMENT, "num_replicas": args.replicas, "max_ongoing_requests": streams + HEADROOM,
                  "max_queued_requests": args.max_queued, "graceful_shutdown_timeout_s": args.grace_s,

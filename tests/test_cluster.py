@@ -366,6 +366,40 @@ def test_load_generator_against_the_cluster(cluster, tmp_path):
     assert 0 < r["frames"] <= r["stream_frames"] and r["client_p99_ms"] >= r["client_p50_ms"] > 0
 
 
+def test_web_page_stats_and_kyutai_path_through_the_proxy(cluster):
+    """The replica's other routes: the web page (the files on disk), /api/stats (the answering replica's),
+    and Kyutai's /api/chat (its session: a bad query parameter gets its error message and a close 1008)."""
+    from websockets.asyncio.client import connect
+
+    async def get(path: str) -> tuple[str, bytes]:
+        reader, writer = await asyncio.open_connection(HOST, cluster.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        head = head.decode()
+        return head, _unchunk(body.decode(errors="replace")).encode() if "chunked" in head.lower() else body
+
+    async def scenario():
+        page = await get("/")
+        stats = await get("/api/stats")
+        missing = await get("/no/such/file.js")
+        async with connect(f"ws://{HOST}:{cluster.port}/api/chat?text_temperature=hot") as ws:
+            first = await ws.recv()
+            with contextlib.suppress(Exception):
+                await ws.recv()
+            return page, stats, missing, first, ws.close_code
+
+    page, stats, missing, first, code = run(scenario(), timeout=30)
+    web = REPO / "moshivis" / "serve" / "web" / "index.html"
+    assert page[0].startswith("HTTP/1.1 200") and page[1] == web.read_bytes()
+    assert missing[0].startswith("HTTP/1.1 404")
+    figures = json.loads(stats[1])
+    assert stats[0].startswith("HTTP/1.1 200") and figures["max_streams"] == MAX_STREAMS
+    assert figures["replica"] in cluster.replicas()
+    assert first[0] == 0x05 and b"text_temperature" in first and code == 1008, (first, code)
+
+
 # ---- faults and scaling ---------------------------------------------------------------------------
 def test_killed_replica_ends_its_streams_others_go_on_and_serve_replaces_it(cluster, engine, cfg, gen):
     T, half = 8, 4

@@ -18,7 +18,7 @@ it as `import_path: moshivis.serve.ray_app:build_app` with the server's options 
   live replicas (the same names as one server: `bench.load` and dashboards work unchanged) and
   `GET /metrics/replicas` with every replica's samples labelled `replica="<id>"`. The collector also
   watches the Serve controller: a replica being removed (STOPPING) learns it from its next report
-  and drains (see `Replica._drain`).
+  and drains (see `Replica._drain_streams`).
 
 Serve's own metrics (requests, queue lengths, replica health) are on each Ray node's Prometheus
 endpoint (`ray start --metrics-export-port`), not here.
@@ -53,7 +53,7 @@ DRAIN_MARGIN_S = 3.0  # a draining replica ends its streams this long before Ser
 # Gauges that are settings (the same on every replica): the cluster's value is the largest, not the sum.
 SETTING_GAUGES = ("moshivis_frame_budget_seconds", "moshivis_tick_seconds")
 
-api = FastAPI()
+api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
 # ---- options --------------------------------------------------------------------------------------
@@ -206,6 +206,7 @@ class Replica:
         from .local import Server, pin_mmap_threshold
         from .options import build_engine, build_media, server_config
         args = option_parser().parse_args(argv)
+        logging.getLogger("moshivis").setLevel(logging.INFO)  # stream events in the replica's log, as on one server
         if args.threads:
             torch.set_num_threads(args.threads)
         engine = build_engine(args)
