@@ -44,22 +44,25 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _process(argv: list[str], ready: str, timeout: float, env: dict | None = None):
-    """A command started and stopped (SIGTERM, then kill): yields once a line matches `ready`."""
+def started(argv: list[str], ready: str, timeout: float, env: dict | None = None):
+    """`python -m ARGV` started, and stopped on the way out (SIGTERM, then kill after 90 s): yields
+    (process, the match of `ready` in its output) once a line matches; `process.output` holds the lines."""
     proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **(env or {})})
     lines: queue.Queue = queue.Queue()
-    tail: list[str] = []
-    threading.Thread(target=lambda: [(lines.put(x), tail.append(x)) for x in proc.stdout], daemon=True).start()
+    proc.output = []
+    reader = threading.Thread(target=lambda: [(lines.put(x), proc.output.append(x)) for x in proc.stdout],
+                              daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        match = None
+        while match is None:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not start:\n" + "".join(tail[-20:]))
+                raise RuntimeError(f"{argv[0]} did not start:\n" + "".join(proc.output[-20:]))
             with contextlib.suppress(queue.Empty):
-                if re.search(ready, lines.get(timeout=1)):
-                    break
-        yield proc
+                match = re.search(ready, lines.get(timeout=1))
+        yield proc, match
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -68,6 +71,7 @@ def _process(argv: list[str], ready: str, timeout: float, env: dict | None = Non
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        reader.join(timeout=5)
 
 
 def _loads(port: int, args, label: str) -> list[dict]:
@@ -102,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = ["--preset", args.preset, "--threads", str(args.threads), "--mode", args.mode,
               "--max-streams", str(max_streams)]
     port = _free_port()
-    with _process(["moshivis.server", *engine, "--port", str(port), "--log-level", "WARNING"],
-                  r"ws://127\.0\.0\.1:\d+/", 120):
+    with started(["moshivis.server", *engine, "--port", str(port), "--log-level", "WARNING"],
+                 r"ws://127\.0\.0\.1:\d+/", 120):
         direct = _loads(port, args, "direct")
     gpus = args.num_gpus if args.num_gpus is not None else (torch.cuda.device_count() or args.replicas)
     cluster = ["moshivis.cluster", *engine, "--replicas", str(args.replicas), "--num-gpus", str(gpus),
                "--cpus-per-replica", "0", "--port", str(port), "--log-level", "ERROR"]
-    with _process(cluster, r"replicas ready", 300, env={"RAY_AUTH_MODE": "disabled"}):
+    with started(cluster, r"replicas ready", 300, env={"RAY_AUTH_MODE": "disabled"}):
         served = _loads(port, args, "cluster")
     env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     label = "CPU figures, not GPU" if env["device_type"] == "cpu" else env["device"]

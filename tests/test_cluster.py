@@ -10,16 +10,13 @@ same weights running each stream alone (`replay_alone`); placement is read from 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,10 +27,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="needs ray[serve] (pip install -e '.[cluster]' or -r requirements-cluster.txt)")
 
 import torch  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
 
 from moshivis import Engine, preset, random_init  # noqa: E402
 from moshivis.client import Client, ServerError, image_key, refusal  # noqa: E402
-from websockets.exceptions import InvalidStatus  # noqa: E402
 from moshivis.serve.ray_app import DEPLOYMENT, HEADROOM  # noqa: E402
 from moshivis.serve.router import LOST_REASON  # noqa: E402
 from test_serve import HOST, features, parse_metrics, replay_alone, run  # noqa: E402
@@ -83,8 +80,8 @@ def with_cmdline(text: str) -> set[int]:
 
 
 class Cluster:
-    def __init__(self, port: int, proc: subprocess.Popen):
-        self.port, self.proc = port, proc
+    def __init__(self, port: int):
+        self.port = port
 
     def replicas(self) -> dict[str, tuple[str, int]]:
         """The engine replicas as the Serve controller sees them: {id: (state, pid)}."""
@@ -107,51 +104,26 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    port = free_port()
+    from bench.proxy_cost import started
     # No token auth for this throwaway instance (else it writes ~/.ray/auth_token and this driver needs it).
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "moshivis.cluster", *cli_args(port)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: [(lines.put(x), output.append(x)) for x in proc.stdout], daemon=True)
-    reader.start()
-    ray_processes: set[int] = set()
-    session = None
-    try:
-        address, deadline = None, time.monotonic() + 240
-        while address is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                m = re.search(r"replicas ready; .* Ray at (\S+)", lines.get(timeout=1))
-            except queue.Empty:
-                continue
-            address = m[1] if m else None
-        assert address, "the cluster did not start:\n" + "".join(output[-30:])
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        session = ray._private.worker.global_worker.node.get_session_dir_path()
-        ray_processes = descendants(proc.pid) | with_cmdline(session)
-        yield Cluster(port, proc)
-    finally:
-        if ray.is_initialized():
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    port = free_port()
+    with started(["moshivis.cluster", *cli_args(port)], r"replicas ready; .* Ray at (\S+)", 240, env) as (proc, m):
+        ray.init(address=m[1], log_to_driver=False, logging_level="ERROR")
+        try:
+            session = ray._private.worker.global_worker.node.get_session_dir_path()
+            ray_processes = descendants(proc.pid) | with_cmdline(session)
+            yield Cluster(port)
+        finally:
             ray.shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        reader.join(timeout=5)
-        deadline = time.monotonic() + 30
-        left = ray_processes
-        while left and time.monotonic() < deadline:
-            left = {p for p in left if Path(f"/proc/{p}").exists()} | (with_cmdline(session) if session else set())
-            time.sleep(0.5)
-        for p in left:  # ours: stop them before failing, so nothing outlives the test
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert proc.returncode == 0, "the cluster command did not exit cleanly:\n" + "".join(output[-30:])
+    deadline, left = time.monotonic() + 30, ray_processes
+    while left and time.monotonic() < deadline:
+        left = {p for p in left if Path(f"/proc/{p}").exists()} | with_cmdline(session)
+        time.sleep(0.5)
+    for p in left:  # ours: stopped before the test fails, so nothing outlives it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    assert proc.returncode == 0, "the cluster command did not exit cleanly:\n" + "".join(proc.output[-30:])
     assert not left, f"Ray processes left after the cluster stopped: {sorted(left)}"
 
 
@@ -328,7 +300,7 @@ def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(c
     assert all(c.end == "closed" and c.close_code == 1000 for c in convs), [c.end for c in convs]
     placed = {c.seed: c.replica for c in convs}
     assert placed[11] == placed[12] and placed[13] == placed[14] and placed[11] != placed[13], placed
-    assert sorted(collections_count(placed.values())) == [MAX_STREAMS, MAX_STREAMS], placed
+    assert sorted(collections.Counter(placed.values()).values()) == [MAX_STREAMS, MAX_STREAMS], placed
     for r in set(placed.values()):
         assert per_replica[f'moshivis_active_streams{{replica="{r}"}}'] == MAX_STREAMS
     assert total["moshivis_active_streams"] == 2 * MAX_STREAMS and total["moshivis_replicas"] == 2
@@ -346,13 +318,6 @@ def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(c
     assert any(code == "server_full" for code, _ in flood), flood
     for c in convs:
         assert c.check_tokens(engine, cfg) == T
-
-
-def collections_count(values) -> list[int]:
-    counts: dict = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return list(counts.values())
 
 
 def test_load_generator_against_the_cluster(cluster, tmp_path):
