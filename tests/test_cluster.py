@@ -258,6 +258,31 @@ def _unchunk(body: str) -> str:
     return "".join(out)
 
 
+# ---- the command line (no cluster) ----------------------------------------------------------------
+def test_command_line_prints_a_valid_serve_config_and_rejects_bad_options(capsys):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from moshivis import cluster as cli
+    assert cli.main(["--replicas", "3", "--max-streams", "6", "--checkpoint", "/models/m.safetensors",
+                     "--grace-s", "900", "--host", "0.0.0.0", "--print-config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema(**config)  # Serve's own validator: what `serve deploy` would check
+    app = config["applications"][0]
+    engines = next(d for d in app["deployments"] if d["name"] == DEPLOYMENT)
+    assert app["import_path"] == "moshivis.serve.ray_app:build_app"
+    assert app["args"] == {"max_streams": 6, "checkpoint": "/models/m.safetensors"}  # only what was given
+    assert engines["num_replicas"] == 3 and engines["max_ongoing_requests"] == 6 + HEADROOM
+    assert engines["graceful_shutdown_timeout_s"] == 900 and engines["ray_actor_options"]["num_gpus"] == 1
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    for argv, pattern in [(["--replicas", "0"], "--replicas must be at least 1, got 0"),
+                          (["--max-streams", "0", "--print-config"], "max_streams must be at least 1, got 0"),
+                          (["--grace-s", "0"], "--grace-s > 0")]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and pattern in err, err
+
+
 # ---- routing, parity, metrics, refusals ------------------------------------------------------------
 def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(cluster, engine, cfg, gen):
     """6 streams (2 images x 2, 2 without) fill both replicas: each image's streams land together even
