@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 BENCH_ARGS ?=
 
 # "1" when $(PYTHON) has a torch that sees a GPU: the venv is then made with --system-site-packages and its
@@ -15,7 +16,7 @@ HOST_TORCH ?= $(eval HOST_TORCH := $(shell $(PYTHON) -c 'import torch; assert to
 	>/dev/null 2>&1 && echo 1))$(HOST_TORCH)
 HOST_PINS = $(PY) -c 'import torch, triton; print(f"torch=={torch.__version__}\ntriton=={triton.__version__}")'
 
-.PHONY: setup bench test test-web test-latest audit suite-cpu bench-host clean
+.PHONY: setup setup-cluster bench test test-web test-latest test-cluster audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
@@ -38,11 +39,22 @@ $(LATEST)/.installed: requirements-cpu.txt setup.py
 	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/constraints.txt -e '.[chat,dev]'
 	touch $@
 
+# Ray Serve (moshivis.cluster) on top of the CPU set-up: CI installs it, so `make test` runs
+# tests/test_cluster.py too (without it those tests skip).
+setup-cluster: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP) requirements-cluster.txt
+	$(PY) -m pip install -q -r requirements-cluster.txt
+	touch $(CLUSTER_STAMP)
+
 bench: $(STAMP)
 	$(PY) -m bench.frame_latency $(BENCH_ARGS)
 
 test: $(STAMP) test-web
 	$(PY) -m pytest tests -q
+
+test-cluster: $(CLUSTER_STAMP)
+	$(PY) -m pytest tests/test_cluster.py -q
 
 # The browser page's JavaScript (moshivis/serve/web/): node's built-in test runner, no npm packages.
 test-web:

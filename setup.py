@@ -18,5 +18,8 @@ setup(
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
         "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4"],
         "serve": ["websockets>=17.4", "sphn>=0.2,<0.3"],
+        # Ray Serve: many engines (one per GPU, many machines) behind one address (moshivis.cluster).
+        "cluster": ["ray[serve]==2.60.0", "fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "pyyaml",
+                    "websockets>=17.4", "sphn>=0.2,<0.3"],
     },
 )

@@ -25,10 +25,10 @@ import contextlib
 import time
 
 import torch
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from moshivis import cli
-from moshivis.client import Client, ServerError
+from moshivis.client import Client, ServerError, image_key, refusal
 from moshivis.serve import Server
 from moshivis.serve.options import add_engine_args, add_server_args, build_engine, server_config
 
@@ -62,9 +62,12 @@ async def run_client(i: int, host: str, port: int, cfg_image: tuple[int, int], i
             seed if images == "shared" else seed * 100003 + i))
     loop = asyncio.get_running_loop()
     try:
-        c = await Client.connect(host, port)
+        c = await Client.connect(host, port, session_id=image_key(image))  # a cluster routes by the image
     except OSError as e:
         stats["errors"].append(f"client {i}: connect: {e}")
+        return
+    except InvalidStatus as e:  # refused at the handshake (too many connections, a full cluster)
+        stats["refusals"].append(f"client {i}: {refusal(e)}")
         return
     async with c:
         try:

@@ -30,6 +30,7 @@ a microphone, one frame ahead (a one-frame jitter buffer).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from . import cli
 from . import protocol as P
@@ -52,6 +53,23 @@ class ServerError(RuntimeError):
         self.code = code
 
 
+def image_key(image: torch.Tensor | None = None, image_file: bytes | None = None) -> str | None:
+    """The stream's image as a routing key (sha256 of the features' bytes or of the file): sent as the
+    `x-session-id` header, so a cluster (`moshivis.cluster`) routes streams of one image to one engine."""
+    if image is not None:
+        return hashlib.sha256(image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    if image_file is not None:
+        return hashlib.sha256(image_file).hexdigest()
+    return None
+
+
+def refusal(e: InvalidStatus) -> str:
+    """A refused handshake in words: the HTTP status and the server's explanation."""
+    r = e.response
+    body = r.body.decode(errors="replace").strip()[:200] if r.body else ""
+    return f"the server refused the connection: HTTP {r.status_code} {r.reason_phrase}{': ' + body if body else ''}"
+
+
 class Client:
     """One WebSocket session. `recv()` returns decoded messages, None once the connection is closed."""
 
@@ -61,11 +79,25 @@ class Client:
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = 8998, limits: P.Limits | None = None,
-                      open_timeout: float = 10.0) -> "Client":
+                      open_timeout: float = 10.0, session_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> "Client":
+        """`session_id`: the routing key (`image_key` of the image the stream will open with), sent as the
+        `x-session-id` header; `headers`: more handshake headers. A server refusing the connection at the
+        handshake (too many connections; a cluster whose replicas and queue are all full) raises websockets'
+        InvalidStatus (`refusal` words it)."""
         limits = limits or P.Limits()
+        extra = {**(headers or {}), **({"x-session-id": session_id} if session_id else {})}
         ws = await connect(f"ws://{host}:{port}/", compression=None, open_timeout=open_timeout,
-                           max_size=limits.max_message_bytes)
+                           max_size=limits.max_message_bytes, additional_headers=extra or None)
         return cls(ws, limits)
+
+    @property
+    def closed_why(self) -> str:
+        """How the connection ended, for error messages: the server's close code and reason, or a loss."""
+        code, reason = self.ws.close_code, self.ws.close_reason
+        if code is None or code == 1006:
+            return "connection lost without a close frame (1006): the server (or its replica) died or the network failed"
+        return f"connection closed by the server ({code}{': ' + reason if reason else ''})"
 
     async def send(self, data: bytes) -> None:
         await self.ws.send(data)
@@ -88,7 +120,7 @@ class Client:
                                        center_crop))
         msg = await self.recv()
         if msg is None:
-            raise ServerError("closed", "the server closed the connection before answering the open")
+            raise ServerError("closed", f"no answer to the open: {self.closed_why}")
         if msg.type == "refused":
             raise ServerError(msg.header["code"], msg.header["reason"])
         if msg.type == "error":
@@ -149,7 +181,7 @@ async def _exchange(c: Client, opened: dict, send, T: int, ahead: int, realtime:
         while answered < T:
             msg = await c.recv()
             if msg is None:
-                raise ServerError("closed", f"the server closed the connection after {answered}/{T} frames")
+                raise ServerError("closed", f"after {answered}/{T} frames: {c.closed_why}")
             if msg.type == "frame":
                 frames[msg.header["frame"]] = msg
                 if msg.header["seq"] is not None:
@@ -182,7 +214,7 @@ async def converse(host: str, port: int, user_tokens: torch.Tensor, image: torch
     if user_tokens.dim() != 2:
         raise ValueError(f"user tokens must be [num_audio_in, T], got shape {list(user_tokens.shape)}")
     T = user_tokens.shape[1]
-    async with await Client.connect(host, port) as c:
+    async with await Client.connect(host, port, session_id=image_key(image, image_file)) as c:
         opened = await c.open(seed, sampling, image, image_file=image_file)
         frames, input_frames = await _exchange(c, opened, lambda t: c.audio(user_tokens[:, t]), T, ahead, realtime)
     last = input_frames[-1] if T else -1
@@ -204,7 +236,7 @@ async def converse_pcm(host: str, port: int, question: torch.Tensor, image: torc
         raise ValueError(f"question must be mono float or int16 samples [samples > 0], got {question.dtype} "
                          f"{list(question.shape)}")
     n = question.shape[0]
-    async with await Client.connect(host, port) as c:
+    async with await Client.connect(host, port, session_id=image_key(image, image_file)) as c:
         opened = await c.open(seed, sampling, image, image_file=image_file, audio="pcm")
         frame = opened["frame_size"]
         T = -(-n // frame) + opened["config"]["max_delay"]
@@ -287,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InvalidStatus as e:
+        print(f"error: {refusal(e)}", file=sys.stderr)
+        return 1
     save_file({k: v.contiguous() for k, v in result.items()}, args.out)
     silent = result["tokens"].shape[1] - user.shape[1]
     print(f"{args.out}: {result['tokens'].shape[1]} frames for {user.shape[1]} inputs"
@@ -306,6 +341,9 @@ def _speak(args, sampling: SamplingParams, image: torch.Tensor | None, image_fil
                                           args.realtime, image_file))
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except InvalidStatus as e:
+        print(f"error: {refusal(e)}", file=sys.stderr)
         return 1
     if result["transcript"] is not None:
         print(result["transcript"], flush=True)

@@ -59,7 +59,8 @@ Server -> client:
   opened    {stream, config: {num_audio_in, num_codebooks_out, text_card, audio_card,
              num_image_tokens, image_encoder_dim, max_delay}, tick_ms, mode, max_queued_frames,
              protocol, ref, audio ("tokens" or "pcm"), text (whether frames carry transcript text),
-             sample_rate, frame_size (pcm sessions: 24000, 1920)}
+             sample_rate, frame_size (pcm sessions: 24000, 1920), replica (on a cluster only: the engine
+             replica serving the stream)}
   refused   {code, reason, ref}: the open is refused, code "server_full" (every stream slot is
              taken), "image_pool_full" (every image slot holds another image), "shutting_down" or
              "bad_open" (the engine rejected it: the reason says why); then the server closes the

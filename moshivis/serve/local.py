@@ -182,8 +182,9 @@ class Server:
         deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
         while self.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
-        self._ws_server.close()
-        await self._ws_server.wait_closed()
+        if self._ws_server is not None:  # None: a Ray Serve replica, whose transport is not ours
+            self._ws_server.close()
+            await self._ws_server.wait_closed()
 
     # ---- HTTP -------------------------------------------------------------------------------------
     def _http(self, connection: ServerConnection, request):
@@ -217,23 +218,15 @@ class Server:
         return None
 
     def _static(self, path: str):
-        if self.web_root is None:
-            return _response(404, b"not found\n")
-        root = self.web_root.resolve()
-        file = (root / path.lstrip("/")).resolve()
-        if file.is_dir():
-            file = file / "index.html"
-        if root not in file.parents or not file.is_file():
-            return _response(404, b"not found\n")
-        kind = {".js": "text/javascript", ".mjs": "text/javascript"}.get(file.suffix) or \
-            mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        if kind.startswith("text/") and "charset" not in kind:
-            kind += "; charset=utf-8"
-        return _response(200, file.read_bytes(), kind)
+        found = static_file(self.web_root, path)
+        return _response(404, b"not found\n") if found is None else _response(200, *found)
 
     # ---- WebSocket sessions -----------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = WsConnection(ws)
+        await self.serve_connection(WsConnection(ws))
+
+    async def serve_connection(self, conn: Connection) -> None:
+        """One client's session, its protocol picked by its path, run to its end (any transport's entry)."""
         if conn.path == KYUTAI_PATH:
             session = KyutaiSession(conn, self.scheduler, self.limits.max_image_file_bytes, on_done=self._done)
         else:
@@ -250,6 +243,23 @@ class Server:
         gauges["moshivis_pending_connections"] = ("Connections without a stream.",
                                                   sum(s.pending for s in self.sessions.values()))
         return self.metrics.render(gauges)
+
+
+def static_file(web_root: Path | None, path: str) -> tuple[bytes, str] | None:
+    """(bytes, content type) of the web page's file at URL `path`; None if there is none (or it lies outside)."""
+    if web_root is None:
+        return None
+    root = web_root.resolve()
+    file = (root / path.lstrip("/")).resolve()
+    if file.is_dir():  # a folder's index.html (`/`, and a web client's sub-folders)
+        file = file / "index.html"
+    if root not in file.parents or not file.is_file():
+        return None
+    kind = {".js": "text/javascript", ".mjs": "text/javascript"}.get(file.suffix) or \
+        mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    if kind.startswith("text/") and "charset" not in kind:
+        kind += "; charset=utf-8"
+    return file.read_bytes(), kind
 
 
 def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Response:

@@ -61,6 +61,7 @@ class NativeSession(Session):
             "type": "opened", "stream": s.engine_id, "protocol": P.PROTOCOL_VERSION, "ref": self._open_ref,
             "mode": c.mode, "tick_ms": c.tick_ms, "max_queued_frames": c.max_queued_frames, "audio": s.audio,
             "text": self.scheduler.media.tokenizer is not None, **pcm,
+            **({"replica": self.scheduler.replica} if self.scheduler.replica else {}),
             "config": {"num_audio_in": cfg.num_audio_in, "num_codebooks_out": cfg.num_codebooks_out,
                        "text_card": cfg.text_card, "audio_card": cfg.audio_card,
                        "num_image_tokens": cfg.num_image_tokens, "image_encoder_dim": cfg.image_encoder_dim,

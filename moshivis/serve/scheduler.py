@@ -151,10 +151,16 @@ class Scheduler:
         self._recent_steps: collections.deque[float] = collections.deque([0.0], maxlen=16)  # seconds
         self._outputs: set[asyncio.Future] = set()
         self.stopping = False
+        self.replica: str | None = None  # set by a deployment of several engines (ray_app): named in `opened`
         self._wake: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._silence = None
+
+    @property
+    def admitted(self) -> int:
+        """Streams counted by admission (open or being opened), against the engine's `max_streams`."""
+        return self._reserved
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> "Scheduler":
