@@ -29,6 +29,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Serve's proxy closes the WebSockets of a replica that died with a reason (1011) instead of dropping them.
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "moshivis.serve.router:proxy_middlewares")
 
+from . import cli  # noqa: E402
 from .serve.options import add_engine_args, add_media_args, add_server_args  # noqa: E402
 
 IMPORT_PATH = "moshivis.serve.ray_app:build_app"
@@ -37,8 +38,7 @@ CLUSTER_OPTIONS = ("replicas", "host", "port", "num_gpus", "gpus_per_replica", "
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m moshivis.cluster", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m moshivis.cluster", description=__doc__)
     ap.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
     ap.add_argument("--host", default="127.0.0.1", help="address of Serve's proxy (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=8000, help="port of Serve's proxy")
@@ -63,8 +63,6 @@ def parser() -> argparse.ArgumentParser:
     add_engine_args(ap)
     add_server_args(ap)
     add_media_args(ap)
-    ap.add_argument("--max-image-resolution", type=int,
-                    help="largest image side Kyutai's clients may ask for (default: the encoder's own size)")
     return ap
 
 

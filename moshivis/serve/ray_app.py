@@ -65,7 +65,6 @@ def option_parser() -> argparse.ArgumentParser:
     add_engine_args(ap)
     add_server_args(ap)
     add_media_args(ap)
-    ap.add_argument("--max-image-resolution", type=int)
     return ap
 
 
@@ -211,8 +210,7 @@ class Replica:
             torch.set_num_threads(args.threads)
         engine = build_engine(args)
         media = build_media(args, engine.cfg, engine.dtype, str(engine.device))
-        self.server = Server(engine, server_config(args, "127.0.0.1", 0), media,
-                             max_image_resolution=args.max_image_resolution)
+        self.server = Server(engine, server_config(args, "127.0.0.1", 0), media)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.server.scheduler.replica = self.id
         pin_mmap_threshold()
