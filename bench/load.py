@@ -15,8 +15,9 @@ Reported: the server's frame latency (due time to tokens, from each `frame` repl
 its engine step alone p50/p99; the client-observed latency (audio sent to its tokens received:
 waiting for the next tick + the frame + the network) p50/p99; deadline misses, frames and skipped
 ticks from the server's /metrics; stream-frames per second received and the real-time factor
-(stream-frames per second over N x 1000 / tick_ms); frames fed silence (input late), inputs dropped
-because the server's queue was full (it is behind real time), refusals and errors.
+(stream-frames per second over N x 1000 / tick_ms); inputs late at their tick and stream-frames caught
+up (from /metrics), inputs dropped because the server's queue was full (it is behind real time),
+refusals and errors.
 """
 from __future__ import annotations
 
@@ -107,9 +108,6 @@ async def run_client(i: int, host: str, port: int, cfg_image: tuple[int, int], i
                 if msg.type == "frame":
                     stats["frame_ms"][h["tick"]] = h["frame_ms"], h["step_ms"]
                     stats["stream_frames"] += 1
-                    if h["ref"] is None:  # fed silence: input late (not the tail after the last input)
-                        stats["silence"] += now < end
-                        continue
                     stats["client_ms"].append((now - sent_at.pop(h["ref"])) * 1e3)
                     if mode == "lockstep" and now < end:
                         await send()
@@ -152,7 +150,7 @@ async def run(args) -> dict:
                 image_shape = (opened["config"]["num_image_tokens"], opened["config"]["image_encoder_dim"])
                 await c.close()
         before = await scrape(host, port)
-        stats = {"streams": args.streams, "frame_ms": {}, "client_ms": [], "stream_frames": 0, "silence": 0,
+        stats = {"streams": args.streams, "frame_ms": {}, "client_ms": [], "stream_frames": 0,
                  "dropped": 0, "refusals": [], "errors": []}
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*[
@@ -188,7 +186,9 @@ async def run(args) -> dict:
         "client_p50_ms": pct(stats["client_ms"], 50), "client_p99_ms": pct(stats["client_ms"], 99),
         "stream_frames": stats["stream_frames"], "stream_frames_per_s": stream_frames_per_s,
         "realtime_factor": stream_frames_per_s / (args.streams * 1e3 / tick_ms),
-        "silence_frames": stats["silence"], "dropped_inputs": stats["dropped"],
+        "late_inputs": int(delta("moshivis_late_inputs_total")),
+        "catchup_stream_frames": int(delta("moshivis_catchup_stream_frames_total")),
+        "dropped_inputs": stats["dropped"],
         "refusals": len(stats["refusals"]), "errors": len(stats["errors"]),
         "error_messages": (stats["refusals"] + stats["errors"])[:10],
     }
@@ -209,8 +209,8 @@ def report(r: dict) -> str:
         f"ticks skipped: {r['skipped_ticks']}",
         f"throughput: {r['stream_frames_per_s']:.1f} stream-frames/s ({r['stream_frames']} in {r['wall_s']:.1f} s), "
         f"real-time factor {r['realtime_factor']:.2f}",
-        f"silence frames (input late): {r['silence_frames']}; inputs dropped (server queue full): "
-        f"{r['dropped_inputs']}; refusals: {r['refusals']}; errors: {r['errors']}",
+        f"inputs late at their tick: {r['late_inputs']}, stream-frames caught up: {r['catchup_stream_frames']}; "
+        f"inputs dropped (server queue full): {r['dropped_inputs']}; refusals: {r['refusals']}; errors: {r['errors']}",
         *[f"  {m}" for m in r["error_messages"]],
     ])
 
