@@ -54,6 +54,7 @@ async def _serve(args) -> None:
         torch.set_num_threads(args.threads)
     tls = ssl_context(args.ssl_cert, args.ssl_key)
     if args.demo:
+        cli.require_extras("--demo")
         from ..demo import demo_bundle
         print("moshivis server --demo: a TINY RANDOM model, Mimi, SigLIP and tokenizer made on the fly; its "
               "speech is noise and its words random (no downloaded weights)", flush=True)
