@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 pytestmark = pytest.mark.transformers
 
 REPO = Path(__file__).resolve().parents[1]
-DISTRIBUTION = {"PIL": "pillow"}  # import name -> distribution name, where they differ
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}  # import name -> distribution name, where they differ
 
 
 def python(code: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

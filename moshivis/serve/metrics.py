@@ -74,7 +74,8 @@ class Metrics:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
             lines.extend(f"{name}{labels} {_num(v)}" for labels, v in samples)
 
-        metric("moshivis_frame_seconds", "histogram", "Time from a frame's due time to its tokens on the host.",
+        metric("moshivis_frame_seconds", "histogram", "Time from a frame's due time (a catch-up frame's: its start) to "
+               "its tokens on the host.",
                self.frame.samples())
         metric("moshivis_input_delay_seconds", "histogram", "Time from an input's arrival to the reply of the "
                "frame that consumed it.", self.input_delay.samples())

@@ -499,7 +499,7 @@ class Scheduler:
         done = loop.time()
         self._recent_steps.append(step_s + encode_s)  # their median predicts whether a catch-up frame fits
         seconds = done - due
-        self.metrics.observe_frame(seconds, len(batch), catchup, not catchup and seconds * 1e3 > self.config.budget_ms)
+        self.metrics.observe_frame(seconds, len(batch), catchup, seconds * 1e3 > self.config.budget_ms)
         self.metrics.stages["step"].observe(step_s)
         if any(s.audio == "pcm" for s in batch):
             self.metrics.stages["encode"].observe(encode_s)
