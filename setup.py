@@ -16,7 +16,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "packaging", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
                 "websockets>=17.4", "sphn>=0.2,<0.3", "playwright"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
-        "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4"],
+        "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4", "transformers>=5.24,<6"],
         "serve": ["websockets>=17.4", "sphn>=0.2,<0.3"],
         # Ray Serve: many engines (one per GPU, many machines) behind one address (moshivis.cluster).
         "cluster": ["ray[serve]==2.60.0", "fastapi>=0.115", "starlette>=0.40", "uvicorn>=0.30", "pyyaml",
