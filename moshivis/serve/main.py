@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.web_root.is_dir():
         raise cli.UsageError(f"--web-root {args.web_root} is not a folder")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_level != "DEBUG":  # websockets logs every HTTP request and connection at INFO
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         asyncio.run(_serve(args))
     except OSError as e:
