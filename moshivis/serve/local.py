@@ -45,6 +45,9 @@ log = logging.getLogger("moshivis.server")
 
 WEB_ROOT = Path(__file__).parent / "web"
 SMALL_MESSAGE = 1 << 18  # buffered bytes a connection may hold without an upload permit
+# Buffers at least this large get their own mapping, returned to the OS when freed (large messages);
+# smaller ones come from the heap (a lower threshold made every frame's PyTorch temporaries page-fault).
+MMAP_THRESHOLD = 4 << 20
 
 
 class WsConnection(Connection):
@@ -132,9 +135,9 @@ class _BudgetedConnection(ServerConnection):
 
 def pin_mmap_threshold() -> None:
     """glibc raises its mmap threshold after large frees, so later large buffers come from the heap and
-    are never given back; pinning it keeps every buffer over 256 KiB in its own mapping."""
+    are never given back; pinning it keeps every buffer over MMAP_THRESHOLD in its own mapping."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 18)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
 
