@@ -69,7 +69,8 @@ def test_bad_requests_fail_alone_and_leave_other_streams_intact(engine, golden_s
                 call()
         got.append(step_all(engine, ids, user, t))
     assert torch.equal(torch.stack([g[0] for g in got], -1), s["output_tokens"])
-    torch.testing.assert_close(torch.stack([g[1] for g in got], 1), s["text_logits"], atol=1e-4, rtol=0)
+    # fp32 against Kyutai's logits: measured 7e-7
+    torch.testing.assert_close(torch.stack([g[1] for g in got], 1), s["text_logits"], atol=1e-5, rtol=0)
     assert bystander in engine.streams
 
 
@@ -139,7 +140,7 @@ def test_set_image_takes_effect_at_the_next_frame(engine, golden_streams):
         _, tl, _ = engine.step(user[:, :, t], [sid], forced_tokens=forced[:, :, t], return_logits=True)
         text.append(tl[0])
     text = torch.stack(text)
-    torch.testing.assert_close(text[:attach_at], noimg["text_logits"][0, :attach_at], atol=1e-4, rtol=0)
+    torch.testing.assert_close(text[:attach_at], noimg["text_logits"][0, :attach_at], atol=1e-5, rtol=0)  # 6e-7
     assert (text[attach_at] - noimg["text_logits"][0, attach_at]).abs().max() > 1e-3
 
 
@@ -381,9 +382,9 @@ def test_triton_follows_torch_as_the_batch_changes(tiny_cfg, tiny_weights, gen):
         with pytest.raises(StreamError, match=r"out must be an int64 CPU tensor of shape \[1, 9\]"):
             engine.step(user[0, :1], ids[:1], out=torch.empty(1, 8, dtype=torch.long))
     for (tok_a, text_a, audio_a, gate_a), (tok_b, text_b, audio_b, gate_b) in zip(*runs):
-        assert torch.equal(tok_a, tok_b)
-        torch.testing.assert_close(text_b, text_a, atol=1e-4, rtol=0)
-        torch.testing.assert_close(audio_b, audio_a, atol=1e-4, rtol=0)
+        assert torch.equal(tok_a, tok_b)  # logits measured 2e-6 apart: 2e-5 allowed
+        torch.testing.assert_close(text_b, text_a, atol=2e-5, rtol=0)
+        torch.testing.assert_close(audio_b, audio_a, atol=2e-5, rtol=0)
         torch.testing.assert_close(gate_b, gate_a, atol=1e-5, rtol=0)
     assert any((frame[0] >= 0).any() for frame in runs[0])
 

@@ -1,7 +1,8 @@
 """Golden tiny (Kyutai's own outputs, fp32, greedy) replayed through the engine, both backends.
 
-Tolerances (golden/tiny/README.md): float32 PyTorch gives identical tokens and logits within 1e-4;
-the Triton backend (kernels in the Triton interpreter on CPU) identical tokens and logits within 1e-3.
+Identical tokens, and logits within 3e-5 on both backends: about 10x what is measured here (fp32, CPU: the
+torch backend 2.7e-6 from Kyutai's logits, the Triton interpreter 2.9e-6); the golden README's bounds (1e-4,
+1e-3) would let a small systematic error through as long as it flipped no greedy token.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from moshivis import Engine, SamplingParams
 from moshivis.replay import compare, main as replay_main, run_stream
 
-ATOL = {"torch": 1e-4, "triton": 1e-3}
+ATOL = {"torch": 3e-5, "triton": 3e-5}
 
 
 def assert_matches(result, expected, rows=None, atol=ATOL["torch"]):

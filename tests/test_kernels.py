@@ -56,13 +56,14 @@ def assert_graph_replays(run, out, want, counters):
 # ==================================================================================================
 # Embedding and self-attention (temporal step)
 #
-# Temporal-transformer kernels against plain PyTorch, in the interpreter on CPU (fp32, 1e-4):
+# Temporal-transformer kernels against plain PyTorch, in the interpreter on CPU (fp32, 1e-5: the kernels and
+# the references differ only in the order of fp32 sums, measured <= 9e-7 on O(1) outputs):
 # self-attention decode (RoPE + KV ring-buffer append + windowed attention) and the input embedding sum.
 #
 # The interpreter's bf16 conversions truncate instead of rounding, so bf16 is checked only by the static
 # audit (bench/audit.py); here every tensor is fp32.
 # ==================================================================================================
-FP32_TOL_temporal = {"atol": 1e-4, "rtol": 1e-4}
+FP32_TOL_temporal = {"atol": 1e-5, "rtol": 1e-5}
 NAN = float("nan")
 
 # (heads, head_dim, context, several splits): one split; two splits, the second one partial; ten splits,
@@ -1008,11 +1009,12 @@ def test_split_k_repeatable_and_graph_replays_gpu(M):
 # Gated cross-attention kernels (moshivis_kernels.cross_attention) against plain PyTorch.
 #
 # Interpreter on CPU, fp32: the kernels and the fp32 references differ only in the order of fp32 sums
-# (blocked dot products, split online softmax), so rtol = atol = 1e-4 on outputs of order 1 (observed
-# ~1e-7). Rows without an image must equal x bit for bit. The bf16 check at the real sizes runs only
-# on a GPU (the interpreter's bf16 arithmetic is unreliable).
+# (blocked dot products, split online softmax), so rtol = atol = 1e-5 on outputs of order 1 (measured:
+# <= 2.4e-7 for the block, 4.8e-7 for the attention, 1.4e-6 for the gated output with INT8 weights). Rows
+# without an image must equal x bit for bit. The bf16 check at the real sizes runs only on a GPU (the
+# interpreter's bf16 arithmetic is unreliable).
 # ==================================================================================================
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = dict(rtol=1e-5, atol=1e-5)
 # The interpreter turns a loop bound given as a kernel argument into a scalar this way (its own quirk).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
@@ -1942,9 +1944,9 @@ def test_bad_out_names_the_argument(bad):
 # grid barrier's single-program case); the multi-launch mode runs several programs. bf16 and the fused
 # launch over every SM run only on a GPU. INT8 weights (quantize_rowwise: CB int8 + SCB fp32) with fp32
 # activations are exact in fp32 too (|CB| <= 127), so they share the dense tolerance: the kernel and the
-# fp32 reference differ only in the order of fp32 sums (observed ~1e-6 on O(1) outputs).
+# fp32 reference differ only in the order of fp32 sums (measured <= 3.0e-6 on O(1) outputs: 3e-5 allowed).
 # ==================================================================================================
-FP32 = dict(atol=1e-4, rtol=1e-4)
+FP32 = dict(atol=3e-5, rtol=3e-5)
 BF16 = dict(atol=5e-2, rtol=5e-2)
 # odd sizes: no dimension a multiple of a block; head_dim 12 is not a power of two
 SMALL = dict(dim=40, dd=24, heads=2, layers=2, hidden=44, card=37, text_rows=29, steps=8)
