@@ -326,6 +326,44 @@ def test_cuda_graph_frames_equal_eager_frames_and_never_sync(weights):
     assert runs[0][2] == runs[1][2] and sum(runs[1][2].values()) > 0  # a replay counts the graph's kernels
 
 
+@needs_cuda
+def test_cuda_graphs_replay_across_bucket_switches_like_the_torch_backend():
+    """On a GPU, fp32: streams join and leave so frames move between buckets 1, 2 and 4 and back, each
+    bucket's captured graph replayed with other rows; before every frame every bucket's outputs (tokens,
+    logits, gate means) are filled with NaN or -7, so a replay that skipped one would show. Each frame's
+    tokens equal those of the torch backend on the same GPU (sampled: both draw with the same Philox numbers
+    from logits 1e-4 apart), text and audio logits within 1e-4 and gate means within 1e-5 (fp32, IEEE dots)."""
+    from moshivis import preset, random_init
+    cfg = preset("tiny")
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(cfg.num_image_tokens, cfg.image_encoder_dim, generator=gen)
+    batches = [[0], [0, 1], [0, 1, 2], [2], [1, 2], [0, 2], [0], [0, 1, 2], [1]]
+    user = torch.randint(-1, cfg.audio_card, (len(batches), 3, cfg.num_audio_in), generator=gen)
+    w = random_init(cfg, seed=0, dtype=torch.float32, device="cuda")
+    engines = {b: Engine(cfg, dict(w), max_streams=4, backend=b) for b in ("torch", "triton")}
+    engines["triton"].warmup()
+    buckets = engines["triton"].backend._buckets
+    assert sorted(buckets) == [1, 2, 4] and all(b.graph is not None for b in buckets.values())
+    ids = {b: [e.open_stream(seed=9, image=feats), e.open_stream(seed=8, sampling=SamplingParams(repetition_penalty=1.3)),
+               e.open_stream(seed=7, image=feats, xa_start=2)] for b, e in engines.items()}
+    for t, rows in enumerate(batches):
+        for bucket in buckets.values():
+            for out in (bucket.fb.text_logits, bucket.fb.audio_logits, bucket.fb.gate_mean):
+                out.fill_(float("nan"))
+            bucket.fb.tokens.fill_(-7)
+        frames = {}
+        for b, e in engines.items():
+            streams = [ids[b][i] for i in rows]
+            frames[b] = (*e.step(user[t, : len(rows)], streams, return_logits=True), e.gate_means(streams))
+        (tok_a, text_a, audio_a, gate_a), (tok_b, text_b, audio_b, gate_b) = frames["torch"], frames["triton"]
+        assert torch.equal(tok_b, tok_a), t
+        torch.testing.assert_close(text_b, text_a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(audio_b, audio_a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(gate_b, gate_a, atol=1e-5, rtol=0)
+    assert engines["triton"].backend.graph_error is None
+    assert all(b.graph is not None for b in buckets.values())
+
+
 def test_warmup_prepares_every_bucket_and_changes_no_state(tiny_cfg, tiny_weights, gen):
     """Engine.warmup runs each bucket's frame on padding rows only: buffers made, no stream state touched,
     and the frames after it are those of an engine that never warmed up."""

@@ -123,3 +123,29 @@ def test_bfloat16_run_stays_close_to_float32(golden_dir, golden_streams, tiny_cf
     for key in ("text_logits", "audio_logits"):
         err = (runs[torch.bfloat16][key] - runs[torch.float32][key]).abs().max()
         assert err < 0.1, f"{key}: bf16 vs fp32 max error {err}"
+
+
+@pytest.mark.gpu(reason="needs a CUDA GPU (native Triton kernels and CUDA graphs)")
+def test_golden_replay_natively_on_the_gpu_with_cuda_graphs(golden_dir, golden_streams, tiny_cfg):
+    """The triton backend on a GPU, every bucket's frame captured by warmup() and replayed as a CUDA graph.
+    fp32 weights: free-running, Kyutai's golden tokens exactly and logits within 1e-4 (the golden README's
+    fp32 bound; fp32 dots run in IEEE precision, no TF32); bf16 weights and activations: teacher-forced logits
+    within 0.1 of the fp32 GPU run's (bf16 has 8 mantissa bits and these logits are O(1), the bound of
+    test_bfloat16_run_stays_close_to_float32)."""
+    from moshivis import checkpoint
+    forced = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = checkpoint.load(golden_dir / "model.safetensors", tiny_cfg, dtype=dtype, device="cuda")
+        engine = Engine(tiny_cfg, w, max_streams=2, backend="triton")
+        engine.warmup()
+        for name, stream in golden_streams.items():
+            if dtype == torch.float32:
+                assert_matches(run_stream(engine, stream), stream, atol=1e-4)
+            forced[dtype, name] = run_stream(engine, stream, teacher_force=True)
+        assert engine.backend.graph_error is None, engine.backend.graph_error
+        assert sorted(engine.backend._buckets) == [1, 2]
+        assert all(b.graph is not None for b in engine.backend._buckets.values())
+    for name in golden_streams:
+        for key in ("text_logits", "audio_logits"):
+            err = (forced[torch.bfloat16, name][key] - forced[torch.float32, name][key]).abs().max()
+            assert err < 0.1, f"{name} {key}: bf16 vs fp32 on the GPU, max error {err}"
