@@ -668,7 +668,9 @@ def test_metrics_endpoint_parses(cfg, weights):
     assert samples["moshivis_frames_total"] == 0
     types, samples = parse_metrics(text)
     assert samples["moshivis_frames_total"] >= 5 and samples["moshivis_stream_frames_total"] >= 5
-    assert samples["moshivis_deadline_misses_total"] == samples["moshivis_frames_total"]  # a 1 us budget
+    # a 1 us budget: every frame on its tick misses it (a catch-up frame, which a busy machine can make, is no miss)
+    assert samples["moshivis_deadline_misses_total"] == (samples["moshivis_frames_total"]
+                                                         - samples["moshivis_catchup_frames_total"])
     assert samples["moshivis_max_streams"] == 3 and samples["moshivis_tick_seconds"] == 0.02
     assert set(types) >= {"moshivis_frame_seconds", "moshivis_deadline_misses_total", "moshivis_active_streams",
                           "moshivis_image_pool_used", "moshivis_refusals_total"}
