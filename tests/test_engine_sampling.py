@@ -8,7 +8,7 @@ Oracles, none of them the engine or its sampler:
     (`philox4x32_reference`, checked against Random123's published vectors and triton's tl.rand in
     test_kernels.py);
   - the distribution of many draws (many streams, one seed each, identical logits): a chi-square test
-    against softmax(l / T) over the top K, computed in float64 here.
+    (Monte-Carlo p-value) against softmax(l / T) over the top K, computed in float64 here.
 The returned tokens are realigned by the delays of the config (SPEC.md §7): token j handed out at frame t
 was drawn at frame t - max_delay + delays[j].
 """
@@ -55,16 +55,20 @@ def topk_softmax(logits: torch.Tensor, temperature: float, top_k: int) -> torch.
     return p / p.sum()
 
 
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value of observed counts vs probabilities (bins expecting < 5 pooled);
-    test_kernels.py checks the same formula against tabulated quantiles."""
-    expected = probs.double() * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor((obs.numel() - 1) / 2, dtype=torch.float64), stat / 2))
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, simulations: int = 10_000) -> float:
+    """Monte-Carlo p-value of Pearson's chi-square statistic of `counts` against `probs` (tokens of
+    probability 0 left out; they are checked apart): the share of `simulations` multinomial samples of the
+    same size whose statistic is at least the observed one (R's chisq.test(simulate.p.value = TRUE)). Valid
+    for any number of draws, the few of the Triton interpreter included; seeded, so deterministic."""
+    p = probs[probs > 0].double()
+    n = int(counts.sum())
+    g = torch.Generator().manual_seed(n)
+    drawn = torch.multinomial(p.float().expand(simulations, -1), n, replacement=True, generator=g)
+    simulated = torch.zeros(simulations, p.numel(), dtype=torch.float64).scatter_add_(
+        1, drawn, torch.ones(drawn.shape, dtype=torch.float64))
+    statistic = lambda c: ((c - n * p) ** 2 / (n * p)).sum(-1)  # noqa: E731
+    observed = statistic(counts[probs > 0].double())
+    return float((1 + (statistic(simulated) >= observed - 1e-9).sum()) / (1 + simulations))
 
 
 # ---- per codebook, per stream: the parameters asked for are the ones applied --------------------------
