@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 CLUSTER_STAMP := $(VENV)/.installed-cluster
 BENCH_ARGS ?=
+# The suite runs in two pytest-xdist workers (CI has 2 cores); tests marked with the same xdist_group run
+# in one worker, one after the other (the servers measuring delays and memory). PYTEST_XDIST= runs it serially.
+PYTEST_XDIST ?= -n 2 --dist loadgroup
 
 # "1" when $(PYTHON) has a torch that sees a GPU: the venv is then made with --system-site-packages and its
 # requirements pin the host's torch and triton versions (installed already, so pip keeps them) in place of
@@ -51,7 +54,7 @@ bench: $(STAMP)
 	$(PY) -m bench.frame_latency $(BENCH_ARGS)
 
 test: $(STAMP) test-web
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(PYTEST_XDIST)
 
 test-cluster: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests/test_cluster.py -q
@@ -62,7 +65,7 @@ test-web:
 
 test-latest: $(LATEST)/.installed
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|triton|numpy|transformers|kernels) '
-	$(LATEST)/bin/python -m pytest tests -q -m transformers
+	$(LATEST)/bin/python -m pytest tests -q -m transformers $(PYTEST_XDIST)
 
 audit: $(STAMP)
 	$(PY) -m bench.audit --arch sm_90a

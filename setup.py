@@ -13,8 +13,8 @@ setup(
     package_data={"moshivis.serve": ["web/*"]},
     install_requires=["torch>=2.13", "triton>=3.6,<3.7", "numpy", "safetensors"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "packaging", "transformers>=5.24,<6", "sentencepiece>=0.2", "pillow",
-                "websockets>=17.4", "sphn>=0.2,<0.3", "playwright"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "packaging", "transformers>=5.24,<6", "sentencepiece>=0.2",
+                "pillow", "websockets>=17.4", "sphn>=0.2,<0.3", "playwright"],
         "chat": ["transformers>=5.24,<6", "sentencepiece>=0.2", "pillow"],
         "bench": ["matplotlib", "nvtx", "bitsandbytes", "websockets>=17.4", "transformers>=5.24,<6"],
         "serve": ["websockets>=17.4", "sphn>=0.2,<0.3"],

@@ -20,6 +20,11 @@ MANIFESTS = Path(os.environ.get("MOSHIVIS_MANIFESTS", Path(__file__).resolve().p
 
 
 def pytest_configure(config):
+    # `make test` runs the suite in pytest-xdist workers, one per core: each worker gets its share of the
+    # cores for torch's threads (more would spin against the other worker).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     # The Triton interpreter reads scalar kernel arguments in a way NumPy >= 1.25 deprecates.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
     config.addinivalue_line("markers", "gpu(reason): runs natively on a CUDA GPU; skipped (with that reason) without one")

@@ -1,7 +1,8 @@
 """Golden tiny (Kyutai's own outputs, fp32, greedy) replayed through the engine, both backends.
 
-Tolerances (golden/tiny/README.md): float32 PyTorch gives identical tokens and logits within 1e-4;
-the Triton backend (kernels in the Triton interpreter on CPU) identical tokens and logits within 1e-3.
+Identical tokens, and logits within 3e-5 on both backends: about 10x what is measured here (fp32, CPU: the
+torch backend 2.7e-6 from Kyutai's logits, the Triton interpreter 2.9e-6); the golden README's bounds (1e-4,
+1e-3) would let a small systematic error through as long as it flipped no greedy token.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from moshivis import Engine, SamplingParams
 from moshivis.replay import compare, main as replay_main, run_stream
 
-ATOL = {"torch": 1e-4, "triton": 1e-3}
+ATOL = {"torch": 3e-5, "triton": 3e-5}
 
 
 def assert_matches(result, expected, rows=None, atol=ATOL["torch"]):
@@ -39,9 +40,10 @@ def test_replay_matches_golden(engine, golden_streams, name, teacher_force):
     assert_matches(run_stream(engine, stream, teacher_force=teacher_force), stream)
 
 
-@pytest.mark.parametrize("name", ["stream_image_b2", "stream_noimage_b1"])
-def test_triton_backend_replay_matches_golden(triton_engine, golden_streams, name):
-    stream = golden_streams[name]
+def test_triton_backend_replay_matches_golden(triton_engine, golden_streams):
+    """The image stream's two rows, 14 frames, on the Triton interpreter (slow: the no-image stream runs on it
+    in test_image_and_noimage_streams_share_a_batch[triton], beside the image stream's row 0)."""
+    stream = golden_streams["stream_image_b2"]
     assert_matches(run_stream(triton_engine, stream), stream, atol=ATOL["triton"])
 
 
@@ -122,3 +124,29 @@ def test_bfloat16_run_stays_close_to_float32(golden_dir, golden_streams, tiny_cf
     for key in ("text_logits", "audio_logits"):
         err = (runs[torch.bfloat16][key] - runs[torch.float32][key]).abs().max()
         assert err < 0.1, f"{key}: bf16 vs fp32 max error {err}"
+
+
+@pytest.mark.gpu(reason="needs a CUDA GPU (native Triton kernels and CUDA graphs)")
+def test_golden_replay_natively_on_the_gpu_with_cuda_graphs(golden_dir, golden_streams, tiny_cfg):
+    """The triton backend on a GPU, every bucket's frame captured by warmup() and replayed as a CUDA graph.
+    fp32 weights: free-running, Kyutai's golden tokens exactly and logits within 1e-4 (the golden README's
+    fp32 bound; fp32 dots run in IEEE precision, no TF32); bf16 weights and activations: teacher-forced logits
+    within 0.1 of the fp32 GPU run's (bf16 has 8 mantissa bits and these logits are O(1), the bound of
+    test_bfloat16_run_stays_close_to_float32)."""
+    from moshivis import checkpoint
+    forced = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = checkpoint.load(golden_dir / "model.safetensors", tiny_cfg, dtype=dtype, device="cuda")
+        engine = Engine(tiny_cfg, w, max_streams=2, backend="triton")
+        engine.warmup()
+        for name, stream in golden_streams.items():
+            if dtype == torch.float32:
+                assert_matches(run_stream(engine, stream), stream, atol=1e-4)
+            forced[dtype, name] = run_stream(engine, stream, teacher_force=True)
+        assert engine.backend.graph_error is None, engine.backend.graph_error
+        assert sorted(engine.backend._buckets) == [1, 2]
+        assert all(b.graph is not None for b in engine.backend._buckets.values())
+    for name in golden_streams:
+        for key in ("text_logits", "audio_logits"):
+            err = (forced[torch.bfloat16, name][key] - forced[torch.float32, name][key]).abs().max()
+            assert err < 0.1, f"{name} {key}: bf16 vs fp32 on the GPU, max error {err}"

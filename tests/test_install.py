@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -154,8 +155,10 @@ def test_installed_versions_are_within_setup_py():
 
 # ---- the Makefile --------------------------------------------------------------------------------------
 def dry_run(target: str, *assignments: str) -> str:
+    # without the variables of a make this test may run under (`make test PYTEST_XDIST=...` passes them on)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTEST_XDIST")}
     p = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, *assignments], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, env=env)
     assert p.returncode == 0, p.stderr
     return p.stdout
 
@@ -170,7 +173,7 @@ def test_make_test_latest_holds_torch_and_resolves_the_newest_transformers():
     assert constraint < torch_first < package
     assert re.search(r"grep -E '\^\(torch\|numpy\)\[=<>\]' requirements-cpu\.txt", steps[constraint])
     assert pinned["torch"] == "torch==2.13.0" and "transformers" not in " ".join(steps[:package + 1])
-    assert steps[-1] == ".venv-latest/bin/python -m pytest tests -q -m transformers"
+    assert steps[-1] == ".venv-latest/bin/python -m pytest tests -q -m transformers -n 2 --dist loadgroup"
 
 
 @pytest.mark.parametrize("host", ["cuda torch", "no cuda torch"])

@@ -12,7 +12,9 @@ from moshivis import Engine
 from moshivis.client import Client
 from test_serve import HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, run, serving  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Measures delays and memory in real time: under `make test`'s two xdist workers these tests run in one of
+# them, one after the other (the other worker runs the rest of the suite beside them).
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("real_time")]
 
 TICK_MS = 80.0
 

@@ -21,7 +21,9 @@ from moshivis import protocol as P
 from moshivis.client import Client
 from test_serve import cfg, HOST, metrics_text, parse_metrics, run, server_process, serving, weights  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Measures delays and memory in real time: under `make test`'s two xdist workers these tests run in one of
+# them, one after the other (the other worker runs the rest of the suite beside them).
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("real_time")]
 
 TICK_MS = 80.0
 

@@ -529,6 +529,7 @@ def test_graceful_shutdown_finishes_the_frame_and_tells_clients(cfg, weights, ge
     assert engine.streams == [] and engine.pool.used == 0
 
 
+@pytest.mark.xdist_group("real_time")  # measures the RSS: one at a time with the other real-time tests
 def test_soak_with_churn_does_not_grow(cfg, weights):
     """A few hundred frames of clients joining, leaving (cleanly or by vanishing), changing and
     sharing images, some refused for lack of room: no stream, image slot, session or memory left."""

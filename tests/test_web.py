@@ -59,6 +59,7 @@ def media_files(tmp_path_factory) -> tuple[Path, Path]:
     return d / "mic.wav", d / "picture.png"
 
 
+@pytest.mark.xdist_group("real_time")  # a real-time conversation: one at a time with the other real-time tests
 def test_a_conversation_in_a_real_browser(media_files, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail("this test needs Debian's chromium: apt-get install -y chromium (CI's .ci/run installs it)")
