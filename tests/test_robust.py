@@ -150,6 +150,34 @@ def test_silent_client_is_closed_with_a_reason_and_counted(cfg, weights):
     assert samples['moshivis_closes_total{reason="input_timeout"}'] == 1
 
 
+def test_a_stream_with_queued_input_is_not_timed_out(cfg, weights):
+    """A burst of 10 inputs, then silence, on a server stepping 0.15 s per frame with a 0.5 s input timeout:
+    the stream is not silent while its input waits (1.5 s of work), so every input is answered by a frame
+    before the input timeout closes it."""
+    engine = Engine(cfg, weights, max_streams=1)
+    step = engine.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.15)
+        return step(*args, **kwargs)
+
+    engine.step = slow_step
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=TICK_MS, input_timeout_s=0.5,
+                           max_catchup_per_tick=0) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                await c.open(seed=1)
+                for i in range(10):
+                    await c.audio(torch.full((cfg.num_audio_in,), i % cfg.audio_card), ref=i)
+                got = []
+                while (msg := await asyncio.wait_for(c.recv(), 10)) is not None:
+                    got.append(msg.header["ref"] if msg.type == "frame" else msg.header["code"])
+                return got
+
+    assert run(scenario()) == [*range(10), "input_timeout"]
+
+
 def test_images_are_rate_limited_per_stream(cfg, weights):
     engine = Engine(cfg, weights, max_streams=1, max_images=2)
     gen = torch.Generator().manual_seed(3)

@@ -25,7 +25,9 @@ Real time (mode "realtime"): the wall clock leads; tick n is due at t0 + n * tic
     silently; catch-up frames are counted too.
   * A frame that overruns makes the next ticks start at once until the schedule is met again; behind
     by more than `max_lag_ms`, the schedule is reset and the ticks lost are counted.
-  * An open stream that sends nothing for `input_timeout_s` is closed (reason input_timeout).
+  * An open stream that sends nothing for `input_timeout_s` is closed (reason input_timeout); the
+    time counts from its last input or, if later, the frame that consumed its last queued input (a
+    stream whose input waits on a slow server is not silent).
 Mode "lockstep" (tests, throughput): a frame starts as soon as every stream that has sent audio has
 input queued, or `tick_ms` after the previous frame; streams without input wait, as above.
 
@@ -104,7 +106,7 @@ class Stream:
     image_busy: bool = False  # an image change is being encoded or applied
     image_tokens: float = IMAGE_BURST  # the image rate limit's bucket
     last_image: float = 0.0
-    last_input: float = 0.0  # loop time of the last input, or of the open
+    last_input: float = 0.0  # loop time of the last input (or the open), or when its queue last ran dry
 
     @property
     def audio(self) -> str:
@@ -480,7 +482,7 @@ class Scheduler:
 
     def _expire(self, now: float) -> None:
         limit = self.config.input_timeout_s
-        for s in [s for s in self.streams if s.state == "open" and now - s.last_input > limit]:
+        for s in [s for s in self.streams if s.state == "open" and not s.inbox and now - s.last_input > limit]:
             self._end(s, "input_timeout", f"no input for {limit:g} s: the stream is closed")
 
     async def _frame(self, batch: list[Stream], due: float, catchup: bool) -> None:
@@ -497,6 +499,9 @@ class Scheduler:
                 self._end(s, "internal", f"frame {tick} failed: {e}")
             return
         done = loop.time()
+        for s in batch:
+            if not s.inbox:  # its queue ran dry: the input timeout counts from now
+                s.last_input = max(s.last_input, done)
         self._recent_steps.append(step_s + encode_s)  # their median predicts whether a catch-up frame fits
         seconds = done - due
         self.metrics.observe_frame(seconds, len(batch), catchup, seconds * 1e3 > self.config.budget_ms)
