@@ -178,6 +178,34 @@ def test_a_stream_with_queued_input_is_not_timed_out(cfg, weights):
     assert run(scenario()) == [*range(10), "input_timeout"]
 
 
+def test_inputs_beyond_the_queue_bound_are_refused_and_counted(cfg, weights):
+    """60 inputs at once: each is answered, by its frame or by a queue_full error, and the refused ones are
+    the metrics' dropped inputs (nothing lost silently)."""
+    engine = Engine(cfg, weights, max_streams=1)
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=TICK_MS, max_queued_frames=5) as server:
+            async with await Client.connect(HOST, server.port) as c:
+                await c.open(seed=1)
+                for i in range(60):
+                    await c.audio(torch.full((cfg.num_audio_in,), i % cfg.audio_card), ref=i)
+                frames, refused = [], []
+                while len(frames) + len(refused) < 60:
+                    msg = await asyncio.wait_for(c.recv(), 10)
+                    if msg.type == "frame":
+                        frames.append(msg.header["ref"])
+                    else:
+                        assert msg.header["code"] == "queue_full", msg.header
+                        refused.append(msg.header["ref"])
+            return frames, refused, parse_metrics(await metrics_text(server.port))[1]
+
+    frames, refused, samples = run(scenario())
+    assert sorted(frames + refused) == list(range(60)) and frames == sorted(frames)
+    assert len(frames) >= 5  # at least the bound got in
+    assert samples["moshivis_dropped_inputs_total"] == len(refused) > 0
+    assert samples["moshivis_stream_frames_total"] == len(frames)
+
+
 def test_images_are_rate_limited_per_stream(cfg, weights):
     engine = Engine(cfg, weights, max_streams=1, max_images=2)
     gen = torch.Generator().manual_seed(3)
