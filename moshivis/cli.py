@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import math
 import sys
 
 import torch
@@ -73,6 +74,39 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free port, where a server listens)."""
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, milliseconds, megabytes)."""
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -103,19 +137,24 @@ def device_name(text: str) -> str:
 
 
 # ---- optional dependencies ------------------------------------------------------------------------
-# The chat extras (`pip install -e '.[chat]'`): import name -> distribution name.
-CHAT_EXTRAS = {"transformers": "transformers", "sentencepiece": "sentencepiece", "PIL": "pillow"}
+# setup.py's extras: import name -> distribution name, of the modules each one brings.
+EXTRAS = {
+    "chat": {"transformers": "transformers", "sentencepiece": "sentencepiece", "PIL": "pillow"},
+    "cluster": {"ray.serve": "ray[serve]", "fastapi": "fastapi", "starlette": "starlette", "yaml": "pyyaml",
+                "sphn": "sphn"},
+}
 
 
-def require_extras(what: str, modules: dict[str, str] = CHAT_EXTRAS) -> None:
-    """UsageError naming each of `modules` that does not import here (and why), for `what` (a command or
-    an option), with the install command. A module that imports but breaks later is not this error."""
+def require_extras(what: str, extra: str = "chat") -> None:
+    """UsageError naming each module of setup.py's `extra` that does not import here (and why), for `what`
+    (a command or an option), with the install command. A module that imports but breaks later is not
+    this error."""
     missing = []
-    for module, dist in modules.items():
+    for module, dist in EXTRAS[extra].items():
         try:
             importlib.import_module(module)
         except ImportError as e:
             missing.append(f"{dist} ({e})")
     if missing:
-        raise UsageError(f"{what} needs the chat extras; not importable here: {', '.join(missing)}: "
-                         "pip install -e '.[chat]'")
+        raise UsageError(f"{what} needs the {extra} extras; not importable here: {', '.join(missing)}: "
+                         f"pip install -e '.[{extra}]'")

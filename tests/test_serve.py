@@ -251,6 +251,17 @@ def test_protocol_requests_checked_against_config(cfg, gen):
     bad(P.image_message(image.index_fill(0, torch.tensor([2]), float("nan"))), "bad_image", "NaN")
 
 
+def test_server_config_refuses_what_no_schedule_can_follow():
+    for kwargs, pattern in [(dict(tick_ms=float("inf")), "tick_ms must be a finite number > 0, got inf"),
+                            (dict(input_timeout_s=float("nan")), "input_timeout_s must be a finite number > 0"),
+                            (dict(open_timeout_s=0), "open_timeout_s must be a finite number > 0, got 0"),
+                            (dict(max_catchup_per_tick=-1), "max_catchup_per_tick must be an integer >= 0, got -1"),
+                            (dict(max_pending=0), "max_pending must be an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=pattern):
+            ServerConfig(**kwargs)
+    assert ServerConfig(max_catchup_per_tick=0).max_catchup_per_tick == 0
+
+
 # ---- the server -----------------------------------------------------------------------------------
 def test_32_concurrent_clients_match_each_stream_run_alone(cfg, weights, gen):
     """32 clients joining at different times, sampling on, images attached, replaced, removed and

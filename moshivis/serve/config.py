@@ -1,6 +1,7 @@
 """The server's settings: scheduling, per-client bounds and connection limits (every one a CLI option)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 MODES = ("realtime", "lockstep")
@@ -42,11 +43,12 @@ class ServerConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith(("_ms", "_s")) and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{f.name} must be a number > 0, got {value!r}")
+            if f.name.endswith(("_ms", "_s")) and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                                        and value > 0):
+                raise ValueError(f"{f.name} must be a finite number > 0, got {value!r}")
+            least = 0 if f.name == "max_catchup_per_tick" else 1
             if f.type == "int" and f.name != "port" and not (isinstance(value, int) and not isinstance(value, bool)
-                                                              and value >= (0 if f.name == "max_catchup_per_tick"
-                                                                            else 1)):
-                raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+                                                              and value >= least):
+                raise ValueError(f"{f.name} must be an integer >= {least}, got {value!r}")
         if not (isinstance(self.port, int) and 0 <= self.port < 65536):
             raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")

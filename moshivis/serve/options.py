@@ -45,7 +45,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--max-streams", type=cli.positive_int, default=8)
     ap.add_argument("--max-images", type=cli.positive_int, help="image pool slots (default: max streams)")
-    ap.add_argument("--memory-budget-mb", type=float, help="cap max streams by the K/V + image memory model")
+    ap.add_argument("--memory-budget-mb", type=cli.positive_float,
+                    help="cap max streams by the K/V + image memory model")
     ap.add_argument("--threads", type=cli.positive_int, help="torch CPU threads (1 is best on a busy 2-core machine)")
     add_kv_dtype_arg(ap)
 
@@ -130,25 +131,26 @@ def build_media(args, cfg: MoshiVisConfig, dtype: torch.dtype, device: str) -> M
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     ap.add_argument("--mode", default=d.mode, choices=MODES)
-    ap.add_argument("--tick-ms", type=float, default=d.tick_ms)
-    ap.add_argument("--budget-ms", type=float, default=d.budget_ms)
-    ap.add_argument("--max-lag-ms", type=float, default=d.max_lag_ms, help="realtime: skip ticks when further behind")
-    ap.add_argument("--max-queued-frames", type=int, default=d.max_queued_frames,
+    ap.add_argument("--tick-ms", type=cli.positive_float, default=d.tick_ms)
+    ap.add_argument("--budget-ms", type=cli.positive_float, default=d.budget_ms)
+    ap.add_argument("--max-lag-ms", type=cli.positive_float, default=d.max_lag_ms,
+                    help="realtime: skip ticks when further behind")
+    ap.add_argument("--max-queued-frames", type=cli.positive_int, default=d.max_queued_frames,
                     help="inputs a stream may queue ahead (beyond: refused, counted)")
-    ap.add_argument("--max-catchup-per-tick", type=int, default=d.max_catchup_per_tick,
+    ap.add_argument("--max-catchup-per-tick", type=cli.non_negative_int, default=d.max_catchup_per_tick,
                     help="extra frames per tick for streams behind their input")
-    ap.add_argument("--max-image-file-mb", type=float, default=d.max_image_file_bytes / 2 ** 20,
+    ap.add_argument("--max-image-file-mb", type=cli.positive_float, default=d.max_image_file_bytes / 2 ** 20,
                     help="largest image file accepted")
-    ap.add_argument("--image-interval-s", type=float, default=d.image_interval_s,
+    ap.add_argument("--image-interval-s", type=cli.positive_float, default=d.image_interval_s,
                     help="at most one image per this many seconds per stream")
-    ap.add_argument("--open-timeout-s", type=float, default=d.open_timeout_s,
+    ap.add_argument("--open-timeout-s", type=cli.positive_float, default=d.open_timeout_s,
                     help="a connection must open its stream within this")
-    ap.add_argument("--input-timeout-s", type=float, default=d.input_timeout_s,
+    ap.add_argument("--input-timeout-s", type=cli.positive_float, default=d.input_timeout_s,
                     help="an open stream that sends nothing for this long is closed")
-    ap.add_argument("--max-connections", type=int, default=d.max_connections)
-    ap.add_argument("--max-pending", type=int, default=d.max_pending,
+    ap.add_argument("--max-connections", type=cli.positive_int, default=d.max_connections)
+    ap.add_argument("--max-pending", type=cli.positive_int, default=d.max_pending,
                     help="connections without a stream; beyond, the oldest is evicted")
-    ap.add_argument("--max-pending-per-ip", type=int, default=d.max_pending_per_ip)
+    ap.add_argument("--max-pending-per-ip", type=cli.positive_int, default=d.max_pending_per_ip)
 
 
 def server_config(args, host: str, port: int) -> ServerConfig:
