@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from moshivis import cli
 from moshivis.audio import AudioError, MimiCodec
 from moshivis.codec import MimiStreams
 
@@ -120,12 +121,13 @@ def run_streams(codec: MimiCodec, batched: MimiStreams, n: int, frames: int, war
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--frames", type=int, default=5, help="timed frames per stream count")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed frames first (buffers, graphs, caches)")
+    ap = cli.ArgumentParser(prog="python -m bench.codec", description=__doc__)
+    ap.add_argument("--streams", type=cli.positive_int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--frames", type=cli.positive_int, default=5, help="timed frames per stream count")
+    ap.add_argument("--warmup", type=cli.non_negative_int, default=1,
+                    help="untimed frames first (buffers, graphs, caches)")
     ap.add_argument("--mimi-config", default=None, help="a MimiConfig JSON (default: transformers' MimiConfig())")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=cli.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager", action="store_true", help="GPU: run the batched codec eagerly (no CUDA graphs)")
     add_common_args(ap)
     return ap
@@ -134,8 +136,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    if args.frames < 1 or args.warmup < 0 or min(args.streams) < 1:
-        ap.error("--frames and --streams must be >= 1, --warmup >= 0")
     set_threads(args.threads)
     device = torch.device(args.device)
     config = None
@@ -144,14 +144,14 @@ def main(argv=None) -> int:
         try:
             config = MimiConfig.from_json_file(args.mimi_config)
         except (OSError, ValueError) as e:
-            ap.exit(2, f"bench.codec: error: --mimi-config {args.mimi_config} is not a readable MimiConfig JSON: "
+            ap.exit(2, f"error: --mimi-config {args.mimi_config} is not a readable MimiConfig JSON: "
                        f"{str(e).splitlines()[0]}\n")
     env = environment(device)
     try:
         codec = random_mimi(config, args.seed, device)
         batched = MimiStreams(codec, max(args.streams))
     except AudioError as e:
-        ap.exit(2, f"bench.codec: error: {e}\n")
+        ap.exit(2, f"error: {cli.one_line(e)}\n")
     batched.use_cuda_graphs = not args.eager
     cfg = codec.model.config
     print(f"# codec: Mimi {'(transformers MimiConfig defaults)' if config is None else args.mimi_config}, "

@@ -29,7 +29,9 @@ import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from moshivis import cli
+from moshivis.checkpoint import CheckpointError
 from moshivis.client import Client, ServerError, image_key, refusal
+from moshivis.config import ConfigError
 from moshivis.serve import Server
 from moshivis.serve.options import add_engine_args, add_server_args, build_engine, server_config
 
@@ -215,13 +217,14 @@ def report(r: dict) -> str:
     ])
 
 
+@cli.guard(ConfigError, CheckpointError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m bench.load", description=__doc__)
     ap.add_argument("--streams", type=cli.positive_int, default=8)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of audio each client sends")
     ap.add_argument("--images", default="distinct", choices=["distinct", "shared", "none"])
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, help="drive this server instead of starting one in-process")
+    ap.add_argument("--port", type=cli.port_number, help="drive this server instead of starting one in-process")
     ap.add_argument("--json", help="also write the result here as JSON")
     add_server_args(ap)
     add_engine_args(ap)

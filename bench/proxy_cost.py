@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from moshivis import cli
+
 from . import load
 from .common import environment, write_json
 
@@ -87,21 +89,22 @@ def _loads(port: int, args, label: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
+    ap = cli.ArgumentParser(prog="python -m bench.proxy_cost", description=__doc__)
+    ap.add_argument("--preset", default="small", type=cli.preset_name)
     ap.add_argument("--streams", default="1,4", help="stream counts, comma-separated")
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--duration", type=cli.positive_float, default=10.0)
     ap.add_argument("--mode", default="lockstep", choices=["lockstep", "realtime"])
     ap.add_argument("--images", default="distinct", choices=["distinct", "shared", "none"])
-    ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--num-gpus", type=int, help="GPUs for Ray (default: detected, else --replicas logical ones)")
+    ap.add_argument("--replicas", type=cli.positive_int, default=1)
+    ap.add_argument("--threads", type=cli.positive_int, default=1)
+    ap.add_argument("--num-gpus", type=cli.non_negative_int,
+                    help="GPUs for Ray (default: detected, else --replicas logical ones)")
     ap.add_argument("--json", help="also write the results here as JSON")
     args = ap.parse_args(argv)
     try:
-        args.streams = [int(x) for x in args.streams.split(",")]
-    except ValueError:
-        ap.error(f"--streams must be comma-separated integers, got {args.streams!r}")
+        args.streams = [cli.positive_int(x) for x in args.streams.split(",")]
+    except argparse.ArgumentTypeError:
+        ap.error(f"argument --streams: must be comma-separated positive integers, got {args.streams!r}")
     max_streams = max(args.streams)
     engine = ["--preset", args.preset, "--threads", str(args.threads), "--mode", args.mode,
               "--max-streams", str(max_streams)]

@@ -281,7 +281,7 @@ def _read(path: str, key: str, row: int | None, ndim: int, what: str) -> torch.T
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m moshivis.client", description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8998)
+    ap.add_argument("--port", type=cli.port_number, default=8998)
     user_in = ap.add_mutually_exclusive_group(required=True)
     user_in.add_argument("--tokens", help="user audio tokens [num_audio_in, T] (.safetensors)")
     user_in.add_argument("--audio", help="the question, a 24 kHz WAV file (sent as PCM; the server needs --mimi)")
@@ -291,18 +291,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="--tokens: output .safetensors (tokens [1 + dep_q, F], "
                                                  "input_frames [T]); --audio: the answer, a WAV file")
     ap.add_argument("--row", type=int, help="stream row of a batched [B, ...] file")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli.non_negative_int, default=0)
     ap.add_argument("--greedy", action="store_true", help="temperature 0 (argmax) for text and audio")
     defaults = SamplingParams()
     ap.add_argument("--temperature-text", type=float, default=defaults.temperature_text)
     ap.add_argument("--top-k-text", type=int, default=defaults.top_k_text)
     ap.add_argument("--temperature-audio", type=float, default=defaults.temperature_audio)
     ap.add_argument("--top-k-audio", type=int, default=defaults.top_k_audio)
-    ap.add_argument("--ahead", type=int, default=4, help="frames in flight")
+    ap.add_argument("--ahead", type=cli.positive_int, default=4, help="frames in flight")
     ap.add_argument("--realtime", action="store_true", help="send one frame per server tick")
     args = ap.parse_args(argv)
-    sampling = SamplingParams.greedy() if args.greedy else SamplingParams(
-        args.temperature_text, args.top_k_text, args.temperature_audio, args.top_k_audio)
+    if args.seed >= 2 ** 63:
+        ap.error(f"argument --seed: must be < 2**63, got {args.seed}")
+    try:
+        sampling = SamplingParams.greedy() if args.greedy else SamplingParams(
+            args.temperature_text, args.top_k_text, args.temperature_audio, args.top_k_audio)
+    except ValueError as e:  # names the field: "sampling top_k_text must be ..."
+        ap.error(str(e))
     image = image_file = None
     if args.image and args.image.endswith(".safetensors"):
         image = _read(args.image, "image_features", args.row, 2, "image")

@@ -39,27 +39,30 @@ CLUSTER_OPTIONS = ("replicas", "host", "port", "num_gpus", "gpus_per_replica", "
 
 def parser() -> argparse.ArgumentParser:
     ap = cli.ArgumentParser(prog="python -m moshivis.cluster", description=__doc__)
-    ap.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
+    ap.add_argument("--replicas", type=cli.positive_int, default=1, help="engine replicas (one per GPU)")
     ap.add_argument("--host", default="127.0.0.1", help="address of Serve's proxy (0.0.0.0: every interface)")
-    ap.add_argument("--port", type=int, default=8000, help="port of Serve's proxy")
-    ap.add_argument("--num-gpus", type=int, help="GPUs Ray may use on this machine (default: those it detects; on a "
-                                                 "machine without GPUs, logical ones, for tests)")
-    ap.add_argument("--gpus-per-replica", type=float, default=1.0, help="0: engines on the CPU")
-    ap.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica (0 on a small "
-                                                                        "test machine)")
-    ap.add_argument("--grace-s", type=float, default=600.0,
+    ap.add_argument("--port", type=cli.port_number, default=8000, help="port of Serve's proxy")
+    ap.add_argument("--num-gpus", type=cli.non_negative_int,
+                    help="GPUs Ray may use on this machine (default: those it detects; on a machine without GPUs, "
+                         "logical ones, for tests)")
+    ap.add_argument("--gpus-per-replica", type=cli.non_negative_float, default=1.0, help="0: engines on the CPU")
+    ap.add_argument("--cpus-per-replica", type=cli.non_negative_float, default=1.0,
+                    help="CPUs reserved per replica (0 on a small test machine)")
+    ap.add_argument("--grace-s", type=cli.positive_float, default=600.0,
                     help="a removed replica's drain: its open streams go on for up to this long (Serve's "
                          "graceful_shutdown_timeout_s); longer than the longest conversation you allow")
-    ap.add_argument("--max-queued", type=int, default=32,
+    ap.add_argument("--max-queued", type=cli.non_negative_int, default=32,
                     help="connections Serve's proxy holds while it picks a replica, or while every replica is at "
                          "max_streams + 2 connections; beyond, new ones are refused at the handshake (HTTP 500). "
                          "Keep it above the largest burst of simultaneous opens")
-    ap.add_argument("--object-store-mb", type=int, default=256, help="Ray's object store (the app barely uses it)")
+    ap.add_argument("--object-store-mb", type=cli.positive_int, default=256,
+                    help="Ray's object store (the app barely uses it)")
     ap.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1:8265 (then `serve "
                                                              "deploy FILE` and `serve status` work against this instance)")
-    ap.add_argument("--ready-timeout-s", type=float, default=600.0, help="give up if the replicas are not up by then")
+    ap.add_argument("--ready-timeout-s", type=cli.positive_float, default=600.0,
+                    help="give up if the replicas are not up by then")
     ap.add_argument("--print-config", action="store_true", help="print the Serve config (YAML) and exit")
-    ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_engine_args(ap)
     add_server_args(ap)
     add_media_args(ap)
@@ -135,10 +138,10 @@ def start(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.replicas < 1:
-            raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-        if args.max_queued < 0 or args.grace_s <= 0:
-            raise ValueError("--max-queued must be >= 0 and --grace-s > 0")
+        cli.require_extras("python -m moshivis.cluster", "cluster")  # before they are imported: name what is missing
+    except cli.UsageError as e:
+        return cli.fail(e)
+    try:
         config = serve_config(args)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -95,6 +95,11 @@ def test_replay_bad_input(golden_copy, tiny_weights, tmp_path, case, pattern):
     ("row out of range", r"user\.safetensors: --row 3 is out of range for 2 streams"),
     ("image missing", r"image file .*nothere\.png does not exist"),
     ("image features missing", r"image file .*nothere\.safetensors does not exist"),
+    ("port out of range", r"argument --port: must be a port number in \[0, 65535\], got 70000"),
+    ("top-k negative", r"sampling top_k_text must be an integer >= 0"),
+    ("temperature NaN", r"sampling temperature_audio must be a finite number, got nan"),
+    ("nothing in flight", r"argument --ahead: must be a positive integer, got 0"),
+    ("seed negative", r"argument --seed: must be >= 0, got -1"),
 ])
 def test_client_bad_input(tmp_path, case, pattern):
     tokens = tmp_path / "user.safetensors"
@@ -112,6 +117,10 @@ def test_client_bad_input(tmp_path, case, pattern):
         args += ["--image", tmp_path / "nothere.png"]
     elif case == "image features missing":
         args += ["--image", tmp_path / "nothere.safetensors"]
+    else:
+        args += {"port out of range": ["--port", "70000"], "top-k negative": ["--top-k-text", "-1"],
+                 "temperature NaN": ["--temperature-audio", "nan"], "nothing in flight": ["--ahead", "0"],
+                 "seed negative": ["--seed", "-1"]}[case]
     assert_one_line_error(run("moshivis.client", *args), pattern)
 
 
@@ -238,6 +247,13 @@ def test_quantize_bad_input(golden_dir, tiny_weights, tmp_path, case, pattern):
     ("bench.load --streams 0", r"argument --streams: must be a positive integer, got 0"),
     ("bench.gpu_suite --out out/x --threads 0", r"argument --threads: must be a positive integer, got 0"),
     ("bench.audit --arch volta", r"argument --arch: not a CUDA architecture: 'volta' \(sm_80, sm_90a, \.\.\.\)"),
+    ("bench.load --port 70000", r"argument --port: must be a port number in \[0, 65535\], got 70000"),
+    ("bench.load --tick-ms 0", r"argument --tick-ms: must be a finite number > 0, got 0"),
+    ("bench.load --config nowhere.json", r"config nowhere\.json does not exist"),
+    ("bench.codec --streams 8 0", r"argument --streams: must be a positive integer, got 0"),
+    ("bench.codec --frames", r"argument --frames: expected one argument"),
+    ("bench.proxy_cost --streams 1,0", r"argument --streams: must be comma-separated positive integers, got '1,0'"),
+    ("bench.proxy_cost --preset nope", r"argument --preset: unknown preset 'nope'"),
 ])
 def test_bench_argument_errors(command, pattern):
     module, *args = command.replace("CUDA", MISSING_CUDA).split()
@@ -253,7 +269,10 @@ def test_bench_argument_errors(command, pattern):
     ("no streams", r"argument --max-streams: must be a positive integer, got 0"),
     ("budget too small", r"--memory-budget-mb 0\.001: not enough for one stream"),
     ("bad mode", r"argument --mode: invalid choice"),
-    ("bad tick", r"tick_ms must be a number > 0"),
+    ("bad tick", r"argument --tick-ms: must be a finite number > 0, got 0"),
+    ("endless tick", r"argument --tick-ms: must be a finite number, got inf"),
+    ("budget not a number", r"argument --memory-budget-mb: must be a finite number, got nan"),
+    ("no pending connections", r"argument --max-pending: must be a positive integer, got 0"),
     ("web root missing", r"--web-root .*nowhere is not a folder"),
     ("tls half", r"--ssl-cert and --ssl-key go together"),
 ])
@@ -268,6 +287,9 @@ def test_server_bad_input(golden_copy, tiny_weights, tmp_path, case, pattern):
         "budget too small": ["--memory-budget-mb", "0.001"],
         "bad mode": ["--mode", "fast"],
         "bad tick": ["--tick-ms", "0"],
+        "endless tick": ["--tick-ms", "inf"],
+        "budget not a number": ["--memory-budget-mb", "nan"],
+        "no pending connections": ["--max-pending", "0"],
         "web root missing": ["--web-root", tmp_path / "nowhere"],
         "tls half": ["--ssl-cert", tmp_path / "cert.pem"],
     }[case]
@@ -284,3 +306,22 @@ def test_server_port_in_use():
         port = s.getsockname()[1]
         assert_one_line_error(run("moshivis.server", "--preset", "tiny", "--port", port, timeout=120),
                               rf"port {port} on 127\.0\.0\.1 is already in use")
+
+
+# ---- moshivis.cluster (its arguments; Ray is never started) ------------------------------------------
+BLOCK_CLUSTER_EXTRAS = BLOCK_CHAT_EXTRAS.replace("{'transformers', 'sentencepiece', 'PIL'}", "{'ray', 'fastapi'}") \
+    .replace("moshivis.chat", "moshivis.cluster")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    ("--port 70000", r"argument --port: must be a port number in \[0, 65535\], got 70000"),
+    ("--gpus-per-replica -1", r"argument --gpus-per-replica: must be a finite number >= 0, got -1"),
+    ("--replicas 0", r"argument --replicas: must be a positive integer, got 0"),
+    ("--print-config", r"python -m moshivis\.cluster needs the cluster extras; not importable here: ray\[serve\] \(.*\), "
+                       r"fastapi \(.*\): pip install -e '\.\[cluster\]'"),
+])
+def test_cluster_bad_input(args, pattern):
+    """Checked before Ray starts; without the cluster extras (blocked here) the error names them."""
+    p = subprocess.run([sys.executable, "-c", BLOCK_CLUSTER_EXTRAS, *args.split()], cwd=REPO, capture_output=True,
+                       text=True, timeout=180)
+    assert_one_line_error(p, pattern)

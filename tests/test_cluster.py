@@ -275,9 +275,9 @@ def test_command_line_prints_a_valid_serve_config_and_rejects_bad_options(capsys
     assert engines["num_replicas"] == 3 and engines["max_ongoing_requests"] == 6 + HEADROOM
     assert engines["graceful_shutdown_timeout_s"] == 900 and engines["ray_actor_options"]["num_gpus"] == 1
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    for argv, pattern in [(["--replicas", "0"], "--replicas must be at least 1, got 0"),
+    for argv, pattern in [(["--replicas", "0"], "--replicas: must be a positive integer, got 0"),
                           (["--max-streams", "0", "--print-config"], "--max-streams: must be a positive integer, got 0"),
-                          (["--grace-s", "0"], "--grace-s > 0")]:
+                          (["--grace-s", "0"], "--grace-s: must be a finite number > 0, got 0")]:
         try:
             rc = cli.main(argv)
         except SystemExit as e:  # argparse's own checks exit (one line, status 2)
