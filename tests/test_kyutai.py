@@ -176,6 +176,33 @@ def test_a_moshi_client_without_an_image_gets_plain_text(chat_files):
     assert "".join(p for _, p in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME - cfg.max_delay])
 
 
+def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_files):
+    """Moshi's web client sends nothing before the handshake (its microphone starts on 0x00): a client
+    whose query asks for no image gets a session without one; one whose query does (MoshiVis' web client
+    sends `xa_start` with its picture) is waited for, and gets the open timeout's 0x05 if nothing comes."""
+    f, cfg = chat_files, chat_files["cfg"]
+    moshi_web = dict(text_temperature=0, text_topk=25, audio_temperature=0, audio_topk=250, pad_mult=0,
+                     text_seed=1, audio_seed=2, repetition_penalty_context=64, repetition_penalty=1.0)
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"], open_timeout_s=3.0) as server:
+            c = await KyutaiClient.connect(server.port, **moshi_web)
+            await c.handshake()
+            for page in opus_pages(f["question"]):
+                await c.ws.send(bytes([AUDIO]) + page)
+            while len(c.audio) < len(f["question"]) - FRAME:
+                assert await c.recv() is not None, f"closed early: {c.errors}"
+            await c.ws.close()
+            vis = await KyutaiClient.connect(server.port, **moshi_web, xa_start=16)
+            while await vis.recv(10) is not None:
+                pass
+            return c, vis
+
+    c, vis = run(scenario(), timeout=60)
+    assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != COLORED for k in c.kinds) and c.text
+    assert HANDSHAKE not in vis.kinds and "no stream opened" in " ".join(vis.errors)
+
+
 def test_full_server_bad_messages_and_bad_queries_fail_alone(chat_files):
     """Every bad request is answered 0x05 (and a close where the session cannot go on), for that client
     only: a good session running meanwhile equals its run alone."""
