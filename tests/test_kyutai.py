@@ -145,10 +145,16 @@ def test_image_first_opus_in_opus_and_coloured_text_out(chat_files):
     assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != TEXT for k in c.kinds)  # vision: coloured text
     # The oracle: the same decoded PCM through `chat.converse` alone (same seed), then through sphn's
     # encoder frame by frame as the server does, and sphn's decoder.
-    answer, _ = chat_answer(f, torch.from_numpy(decoded), seed_of(12, 34), image=True)
+    colours = []
+    answer, _ = chat_answer(f, torch.from_numpy(decoded), seed_of(12, 34), image=True, colours=colours)
     # chat also steps `max_delay` frames of silence after the question; the session stops with it
-    assert "".join(piece for _, piece in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME
-                                                                                   - cfg.max_delay])
+    frames = len(decoded) // FRAME
+    assert "".join(piece for _, piece in c.text) == transcript(f, answer.text_tokens[:frames - cfg.max_delay])
+    # each piece's colour byte: that of the frame whose step handed out its token (Kyutai's PyTorch server)
+    stream = f["media"].tokenizer.stream()
+    pieces = [(colours[t], stream.push(answer.text_tokens[t - cfg.max_delay])) for t in range(cfg.max_delay, frames)]
+    want_colours = [colour for colour, piece in pieces if piece]
+    assert [colour for colour, _ in c.text] == want_colours and max(want_colours) > 0
     w = sphn.OpusStreamWriter(SR)
     silence = np.zeros(cfg.max_delay * FRAME, np.float32)  # the warm-up frames' silence comes first
     full = np.concatenate([silence, answer.pcm.numpy()])
