@@ -19,6 +19,7 @@ import torch
 import websockets.asyncio.client as wsc
 
 from moshivis import Engine, SamplingParams
+from moshivis import protocol as P
 from moshivis.serve.kyutai import parse_query
 from test_serve import HOST, chat_answer, chat_files, metrics_text, parse_metrics, run, serving  # noqa: F401
 
@@ -300,6 +301,17 @@ def test_query_parameters_map_onto_the_stream():
     assert req.seed == seed_of(12, 34) and req.xa_start == 16 and max_steps == 100 and req.audio == "pcm"
     assert req.image_options == {"resolution": 500, "center_crop": True}
     assert parse_query({})[0].seed != parse_query({})[0].seed  # random without seeds
+
+
+@pytest.mark.parametrize("name, value", [
+    ("text_temperature", "nan"), ("audio_temperature", "-0.1"), ("text_topk", "1.5"), ("audio_topk", "0"),
+    ("text_seed", "-1"), ("audio_seed", "x"), ("repetition_penalty", "0"), ("repetition_penalty_context", "257"),
+    ("pad_mult", "many"), ("image_resolution", "0"), ("center_crop", "yes please"), ("xa_start", "2.5"),
+    ("max_steps", "0")])
+def test_every_bad_query_value_is_refused_naming_its_parameter(name, value):
+    with pytest.raises(P.ProtocolError, match=rf"\b{name}\b") as e:
+        parse_query({"text_temperature": "0.45", name: value})
+    assert e.value.code == "bad_query"
 
 
 def test_wss_and_https_with_a_certificate(chat_files, tmp_path):
