@@ -183,10 +183,12 @@ def test_a_moshi_client_without_an_image_gets_plain_text(chat_files):
     assert "".join(p for _, p in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME - cfg.max_delay])
 
 
-def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_files):
+def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_files, gen):
     """Moshi's web client sends nothing before the handshake (its microphone starts on 0x00): a client
     whose query asks for no image gets a session without one; one whose query does (MoshiVis' web client
-    sends `xa_start` with its picture) is waited for, and gets the open timeout's 0x05 if nothing comes."""
+    sends `xa_start` with its picture) is waited for, and gets the open timeout's 0x05 if nothing comes.
+    The audio goes in messages cut anywhere in the Ogg pages (page boundaries are not message boundaries),
+    and the transcript still equals `chat.converse` alone."""
     f, cfg = chat_files, chat_files["cfg"]
     moshi_web = dict(text_temperature=0, text_topk=25, audio_temperature=0, audio_topk=250, pad_mult=0,
                      text_seed=1, audio_seed=2, repetition_penalty_context=64, repetition_penalty=1.0)
@@ -195,9 +197,11 @@ def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_file
         async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"], open_timeout_s=3.0) as server:
             c = await KyutaiClient.connect(server.port, **moshi_web)
             await c.handshake()
-            for page in opus_pages(f["question"]):
-                await c.ws.send(bytes([AUDIO]) + page)
-            while len(c.audio) < len(f["question"]) - FRAME:
+            ogg = b"".join(opus_pages(f["question"]))
+            cuts = sorted(set(torch.randint(1, len(ogg), (len(ogg) // 60,), generator=gen).tolist()))
+            for a, b in zip([0, *cuts], [*cuts, len(ogg)]):
+                await c.ws.send(bytes([AUDIO]) + ogg[a:b])
+            while len(c.audio) < len(opus_pages(f["question"])) * FRAME:
                 assert await c.recv() is not None, f"closed early: {c.errors}"
             await c.ws.close()
             vis = await KyutaiClient.connect(server.port, **moshi_web, xa_start=16)
@@ -207,6 +211,9 @@ def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_file
 
     c, vis = run(scenario(), timeout=60)
     assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != COLORED for k in c.kinds) and c.text
+    decoded = decode_opus(b"".join(opus_pages(f["question"])))
+    answer, _ = chat_answer(f, torch.from_numpy(decoded), 0, image=False, sampling=SamplingParams.greedy())
+    assert "".join(p for _, p in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME - cfg.max_delay])
     assert HANDSHAKE not in vis.kinds and "no stream opened" in " ".join(vis.errors)
 
 
