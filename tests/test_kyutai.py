@@ -52,6 +52,7 @@ class KyutaiClient:
         self.text: list[tuple[int | None, str]] = []  # (colour or None for plain text, piece)
         self.errors: list[str] = []
         self.kinds: list[int] = []
+        self.ogg = bytearray()  # every audio payload, as received
 
     @classmethod
     async def connect(cls, port: int, **query) -> "KyutaiClient":
@@ -68,6 +69,7 @@ class KyutaiClient:
         kind = data[0]
         self.kinds.append(kind)
         if kind == AUDIO:
+            self.ogg += data[1:]
             self.pcm.append(self.reader.append_bytes(data[1:]))
         elif kind == COLORED:
             assert 0 <= data[1] <= 10
@@ -144,6 +146,14 @@ def test_image_first_opus_in_opus_and_coloured_text_out(chat_files):
     decoded = decode_opus(b"".join(opus_pages(question)))
     assert abs(len(c.audio) - 5 * SR) <= FRAME and abs(len(decoded) - 5 * SR) <= FRAME  # 5 s in, 5 s out
     assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != TEXT for k in c.kinds)  # vision: coloured text
+    # an Ogg/Opus stream from its first byte (RFC 7845): a BOS page holding OpusHead (mono), then a page
+    # holding OpusTags, then the audio pages, one serial number (decoders such as opus-recorder need the head)
+    head_len = 27 + c.ogg[26]
+    assert c.ogg[:4] == b"OggS" and c.ogg[5] & 0x02 and c.ogg[head_len:head_len + 8] == b"OpusHead"
+    assert c.ogg[head_len + 9] == 1  # channels
+    tags = head_len + sum(c.ogg[27:head_len])
+    assert c.ogg[tags:tags + 4] == b"OggS" and c.ogg[tags + 27 + c.ogg[tags + 26]:][:8] == b"OpusTags"
+    assert c.ogg[14:18] == c.ogg[tags + 14:tags + 18]  # the same logical stream
     # The oracle: the same decoded PCM through `chat.converse` alone (same seed), then through sphn's
     # encoder frame by frame as the server does, and sphn's decoder.
     colours = []
