@@ -102,6 +102,9 @@ def test_a_conversation_in_a_real_browser(media_files, tmp_path):
             assert stats["decodedSamples"] > 48000 and stats["playedSamples"] > 24000, stats
             assert stats["imageBytesSent"] == picture.stat().st_size and stats["audioMessagesSent"] > 30, stats
             assert stats["errors"] == [], stats["errors"]
+            # the live figures: a ping's round trip and the server's frame latency (GET /api/stats)
+            assert stats["rttMs"] is not None and stats["frameMsP50"] is not None, stats
+            assert page.inner_text("#fig-rtt").endswith("ms)") and page.inner_text("#fig-frame").endswith(" ms")
             assert metrics(port)["moshivis_active_streams"] == 1
 
             # a second page while the only slot is taken: the server's reason shows on the page
