@@ -34,7 +34,8 @@ Query parameters (those Kyutai's web clients send), each range-checked (a bad va
   image_resolution (pixels): the square side the image is resized to, rounded to the patch and clamped
       to [10 x patch, the encoder's own size] as Kyutai's Rust server does; center_crop (true/false):
       the central square is cut out first
-  xa_start (frames >= 0): the stream looks at its image only from that frame on
+  xa_start (frames >= 0): the stream looks at its image only from that frame on; absent: 0, as in
+      Kyutai's servers (their MoshiVis web client, and our page, send 16)
   max_steps (frames >= 1): the session ends after that many frames (Kyutai's Rust server: 4500 cap)
   pad_mult (range-checked), text_temperature_gating_influence, worker_auth_id, email and unknown
       names: ignored, as Kyutai's MoshiVis PyTorch server ignores them (its web client sends pad_mult 0
