@@ -19,6 +19,7 @@ import torch
 import websockets.asyncio.client as wsc
 
 from moshivis import Engine, SamplingParams
+from moshivis import protocol as P
 from moshivis.serve.kyutai import parse_query
 from test_serve import HOST, chat_answer, chat_files, metrics_text, parse_metrics, run, serving  # noqa: F401
 
@@ -51,6 +52,7 @@ class KyutaiClient:
         self.text: list[tuple[int | None, str]] = []  # (colour or None for plain text, piece)
         self.errors: list[str] = []
         self.kinds: list[int] = []
+        self.ogg = bytearray()  # every audio payload, as received
 
     @classmethod
     async def connect(cls, port: int, **query) -> "KyutaiClient":
@@ -67,6 +69,7 @@ class KyutaiClient:
         kind = data[0]
         self.kinds.append(kind)
         if kind == AUDIO:
+            self.ogg += data[1:]
             self.pcm.append(self.reader.append_bytes(data[1:]))
         elif kind == COLORED:
             assert 0 <= data[1] <= 10
@@ -143,12 +146,26 @@ def test_image_first_opus_in_opus_and_coloured_text_out(chat_files):
     decoded = decode_opus(b"".join(opus_pages(question)))
     assert abs(len(c.audio) - 5 * SR) <= FRAME and abs(len(decoded) - 5 * SR) <= FRAME  # 5 s in, 5 s out
     assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != TEXT for k in c.kinds)  # vision: coloured text
+    # an Ogg/Opus stream from its first byte (RFC 7845): a BOS page holding OpusHead (mono), then a page
+    # holding OpusTags, then the audio pages, one serial number (decoders such as opus-recorder need the head)
+    head_len = 27 + c.ogg[26]
+    assert c.ogg[:4] == b"OggS" and c.ogg[5] & 0x02 and c.ogg[head_len:head_len + 8] == b"OpusHead"
+    assert c.ogg[head_len + 9] == 1  # channels
+    tags = head_len + sum(c.ogg[27:head_len])
+    assert c.ogg[tags:tags + 4] == b"OggS" and c.ogg[tags + 27 + c.ogg[tags + 26]:][:8] == b"OpusTags"
+    assert c.ogg[14:18] == c.ogg[tags + 14:tags + 18]  # the same logical stream
     # The oracle: the same decoded PCM through `chat.converse` alone (same seed), then through sphn's
     # encoder frame by frame as the server does, and sphn's decoder.
-    answer, _ = chat_answer(f, torch.from_numpy(decoded), seed_of(12, 34), image=True)
+    colours = []
+    answer, _ = chat_answer(f, torch.from_numpy(decoded), seed_of(12, 34), image=True, colours=colours)
     # chat also steps `max_delay` frames of silence after the question; the session stops with it
-    assert "".join(piece for _, piece in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME
-                                                                                   - cfg.max_delay])
+    frames = len(decoded) // FRAME
+    assert "".join(piece for _, piece in c.text) == transcript(f, answer.text_tokens[:frames - cfg.max_delay])
+    # each piece's colour byte: that of the frame whose step handed out its token (Kyutai's PyTorch server)
+    stream = f["media"].tokenizer.stream()
+    pieces = [(colours[t], stream.push(answer.text_tokens[t - cfg.max_delay])) for t in range(cfg.max_delay, frames)]
+    want_colours = [colour for colour, piece in pieces if piece]
+    assert [colour for colour, _ in c.text] == want_colours and max(want_colours) > 0
     w = sphn.OpusStreamWriter(SR)
     silence = np.zeros(cfg.max_delay * FRAME, np.float32)  # the warm-up frames' silence comes first
     full = np.concatenate([silence, answer.pcm.numpy()])
@@ -174,6 +191,40 @@ def test_a_moshi_client_without_an_image_gets_plain_text(chat_files):
     answer, _ = chat_answer(f, torch.from_numpy(decoded), 0, image=False, sampling=SamplingParams.greedy())
     assert c.errors == [] and all(k != COLORED for k in c.kinds)
     assert "".join(p for _, p in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME - cfg.max_delay])
+
+
+def test_moshis_web_client_gets_the_handshake_without_sending_anything(chat_files, gen):
+    """Moshi's web client sends nothing before the handshake (its microphone starts on 0x00): a client
+    whose query asks for no image gets a session without one; one whose query does (MoshiVis' web client
+    sends `xa_start` with its picture) is waited for, and gets the open timeout's 0x05 if nothing comes.
+    The audio goes in messages cut anywhere in the Ogg pages (page boundaries are not message boundaries),
+    and the transcript still equals `chat.converse` alone."""
+    f, cfg = chat_files, chat_files["cfg"]
+    moshi_web = dict(text_temperature=0, text_topk=25, audio_temperature=0, audio_topk=250, pad_mult=0,
+                     text_seed=1, audio_seed=2, repetition_penalty_context=64, repetition_penalty=1.0)
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"], open_timeout_s=3.0) as server:
+            c = await KyutaiClient.connect(server.port, **moshi_web)
+            await c.handshake()
+            ogg = b"".join(opus_pages(f["question"]))
+            cuts = sorted(set(torch.randint(1, len(ogg), (len(ogg) // 60,), generator=gen).tolist()))
+            for a, b in zip([0, *cuts], [*cuts, len(ogg)]):
+                await c.ws.send(bytes([AUDIO]) + ogg[a:b])
+            while len(c.audio) < len(opus_pages(f["question"])) * FRAME:
+                assert await c.recv() is not None, f"closed early: {c.errors}"
+            await c.ws.close()
+            vis = await KyutaiClient.connect(server.port, **moshi_web, xa_start=16)
+            while await vis.recv(10) is not None:
+                pass
+            return c, vis
+
+    c, vis = run(scenario(), timeout=60)
+    assert c.errors == [] and c.kinds[0] == HANDSHAKE and all(k != COLORED for k in c.kinds) and c.text
+    decoded = decode_opus(b"".join(opus_pages(f["question"])))
+    answer, _ = chat_answer(f, torch.from_numpy(decoded), 0, image=False, sampling=SamplingParams.greedy())
+    assert "".join(p for _, p in c.text) == transcript(f, answer.text_tokens[:len(decoded) // FRAME - cfg.max_delay])
+    assert HANDSHAKE not in vis.kinds and "no stream opened" in " ".join(vis.errors)
 
 
 def test_full_server_bad_messages_and_bad_queries_fail_alone(chat_files):
@@ -267,6 +318,17 @@ def test_query_parameters_map_onto_the_stream():
     assert req.seed == seed_of(12, 34) and req.xa_start == 16 and max_steps == 100 and req.audio == "pcm"
     assert req.image_options == {"resolution": 500, "center_crop": True}
     assert parse_query({})[0].seed != parse_query({})[0].seed  # random without seeds
+
+
+@pytest.mark.parametrize("name, value", [
+    ("text_temperature", "nan"), ("audio_temperature", "-0.1"), ("text_topk", "1.5"), ("audio_topk", "0"),
+    ("text_seed", "-1"), ("audio_seed", "x"), ("repetition_penalty", "0"), ("repetition_penalty_context", "257"),
+    ("pad_mult", "many"), ("image_resolution", "0"), ("center_crop", "yes please"), ("xa_start", "2.5"),
+    ("max_steps", "0")])
+def test_every_bad_query_value_is_refused_naming_its_parameter(name, value):
+    with pytest.raises(P.ProtocolError, match=rf"\b{name}\b") as e:
+        parse_query({"text_temperature": "0.45", name: value})
+    assert e.value.code == "bad_query"
 
 
 def test_wss_and_https_with_a_certificate(chat_files, tmp_path):

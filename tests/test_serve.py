@@ -808,13 +808,17 @@ def chat_files(tmp_path_factory):
     return dict(f, media=media, args=args, question=question, png=(d / "photo.png").read_bytes())
 
 
-def chat_answer(files, question, seed, image: bool, sampling: SamplingParams | None = None):
-    """moshivis.chat.converse alone: (answer, the transcript pieces it printed)."""
+def chat_answer(files, question, seed, image: bool, sampling: SamplingParams | None = None,
+                colours: list | None = None):
+    """moshivis.chat.converse alone: (answer, the transcript pieces it printed); `colours` gets Kyutai's
+    text colour of every frame (`Engine.text_colors`, read after each step)."""
     from moshivis.chat import converse
     m, pieces = files["media"], []
     feats = m.vision.encode(files["dir"] / "photo.png") if image else None
-    answer = converse(Engine(files["cfg"], files["weights"]), m.codec, m.tokenizer, feats, question, seed=seed,
-                      sampling=sampling, on_text=pieces.append)
+    engine = Engine(files["cfg"], files["weights"])
+    on_frame = None if colours is None else lambda t, total: colours.append(engine.text_colors(engine.streams)[0])
+    answer = converse(engine, m.codec, m.tokenizer, feats, question, seed=seed, sampling=sampling,
+                      on_text=pieces.append, on_frame=on_frame)
     return answer, "".join(pieces)
 
 

@@ -7,6 +7,7 @@ shows. CI installs chromium (`.ci/run`); without it this test fails, saying how 
 """
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shutil
@@ -74,7 +75,21 @@ def test_a_conversation_in_a_real_browser(media_files, tmp_path):
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             page.goto(f"http://127.0.0.1:{port}/")
+            # a picture from the camera (chromium's fake one), then one dropped on the page, then the file's
+            info = "document.getElementById('image-info').textContent.startsWith"
+            page.click("#camera-open")
+            page.wait_for_function("document.getElementById('camera').videoWidth > 0", timeout=20000)
+            page.click("#camera-snap")
+            page.wait_for_function(f"{info}('Camera:')", timeout=20000)
+            page.evaluate("""async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, cancelable: true }));
+            }""", base64.b64encode(picture.read_bytes()).decode())
+            page.wait_for_function(f"{info}('dropped.png:')", timeout=20000)
             page.set_input_files("#file", str(picture))
+            page.wait_for_function(f"{info}('picture.png:')", timeout=20000)
             page.click("#connect")
             page.wait_for_function("window.moshivisStats.state === 'live'", timeout=60000)
             before = metrics(port)["moshivis_stream_frames_total"]
@@ -87,6 +102,9 @@ def test_a_conversation_in_a_real_browser(media_files, tmp_path):
             assert stats["decodedSamples"] > 48000 and stats["playedSamples"] > 24000, stats
             assert stats["imageBytesSent"] == picture.stat().st_size and stats["audioMessagesSent"] > 30, stats
             assert stats["errors"] == [], stats["errors"]
+            # the live figures: a ping's round trip and the server's frame latency (GET /api/stats)
+            assert stats["rttMs"] is not None and stats["frameMsP50"] is not None, stats
+            assert page.inner_text("#fig-rtt").endswith("ms)") and page.inner_text("#fig-frame").endswith(" ms")
             assert metrics(port)["moshivis_active_streams"] == 1
 
             # a second page while the only slot is taken: the server's reason shows on the page

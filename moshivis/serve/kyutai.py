@@ -17,9 +17,11 @@ Nothing else is ever sent (a Kyutai client's decoder throws on kinds it does not
 
 Session start, as MoshiVis does it: the client may send 0x08 + image as its first message without
 waiting; the server answers 0x00 once the image is encoded and the stream is open. A first message of
-audio (Moshi's clients send no image) opens a stream without an image. A later 0x08 replaces the
-image (our extension; Kyutai's clients never send one). A refused open (full server) is answered 0x05
-with the reason, then the connection closes. There is no close message: either side closes the socket.
+audio (Moshi's clients send no image) opens a stream without an image, and so does silence for
+NO_IMAGE_AFTER_S when the query does not ask for an image (Moshi's web client sends nothing before the
+handshake; MoshiVis' sends `xa_start` with its picture, and such a client is waited for up to the open
+timeout). A later 0x08 replaces the image (our extension; Kyutai's clients never send one). A refused
+open (full server) is answered 0x05 with the reason, then the connection closes. There is no close message: either side closes the socket.
 
 Query parameters (those Kyutai's web clients send), each range-checked (a bad value: 0x05 naming it):
   text_temperature, audio_temperature (>= 0), text_topk, audio_topk (>= 1; at or above the vocabulary
@@ -32,7 +34,8 @@ Query parameters (those Kyutai's web clients send), each range-checked (a bad va
   image_resolution (pixels): the square side the image is resized to, rounded to the patch and clamped
       to [10 x patch, the encoder's own size] as Kyutai's Rust server does; center_crop (true/false):
       the central square is cut out first
-  xa_start (frames >= 0): the stream looks at its image only from that frame on
+  xa_start (frames >= 0): the stream looks at its image only from that frame on; absent: 0, as in
+      Kyutai's servers (their MoshiVis web client, and our page, send 16)
   max_steps (frames >= 1): the session ends after that many frames (Kyutai's Rust server: 4500 cap)
   pad_mult (range-checked), text_temperature_gating_influence, worker_auth_id, email and unknown
       names: ignored, as Kyutai's MoshiVis PyTorch server ignores them (its web client sends pad_mult 0
@@ -40,6 +43,7 @@ Query parameters (those Kyutai's web clients send), each range-checked (a bad va
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -63,6 +67,8 @@ OGG_SLICE = 4096
 MAX_OGG_HEADER = 27 + 255
 MAX_TOPK = 1 << 31  # a top-k at or above the vocabulary keeps every token (as Kyutai's samplers do)
 IGNORED = ("text_temperature_gating_influence", "worker_auth_id", "email")
+NO_IMAGE_AFTER_S = 1.0  # a client silent this long, its query not asking for an image: opened without one
+IMAGE_QUERY = ("xa_start", "image_resolution", "center_crop")  # what MoshiVis' web client sends with a picture
 
 
 def _number(query: dict, name: str, kind, lo, hi, default):
@@ -159,6 +165,7 @@ class KyutaiSession(Session):
         self._ogg = OggFraming()
         self._dropped = 0
         self._image = False
+        self._heard = False  # a message has come
         self.max_steps = None
         try:
             self.request, self.max_steps = parse_query(conn.query)
@@ -166,8 +173,20 @@ class KyutaiSession(Session):
             self.request = None
             self.metrics.errors[e.code] += 1
             self.end(bytes([ERROR]) + str(e).encode(), 1008, "bad query")
+            return
+        if not any(conn.query.get(name) for name in IMAGE_QUERY):
+            asyncio.get_running_loop().call_later(NO_IMAGE_AFTER_S, self._open_if_silent)
+
+    def _open_if_silent(self) -> None:
+        """Moshi's web client waits for the handshake before it sends anything: a session without an image."""
+        if not (self._heard or self.ending or self.stream is not None):
+            try:
+                self._open(None)
+            except P.ProtocolError as e:
+                self._error(str(e), e.code, fatal=True)
 
     def on_message(self, data) -> None:
+        self._heard = True
         if isinstance(data, str) or not data:
             return self._error("messages must be binary: a kind byte, then its payload")
         kind, payload = data[0], memoryview(data)[1:]
