@@ -287,6 +287,57 @@ def test_command_line_prints_a_valid_serve_config_and_rejects_bad_options(capsys
         assert err.count("\n") == 1 and err.startswith("error: ") and pattern in err, err
 
 
+# ---- the router's policy alone (no cluster) --------------------------------------------------------
+def test_router_policy_image_affinity_with_room_else_fewest_streams():
+    """`ImageAffinityRouter.choose_replicas` on stand-in replicas (what Serve hands it: id, routing stats,
+    max_ongoing_requests) against the policy by hand: an image's opens go to the replica holding it while it
+    has room, also when they arrive before any is routed; once it is full, to the replica with the fewest
+    streams; no key, the fewest; every replica full, all of them, fewest first; a completed stream frees its
+    place; an image another proxy's streams hold (the replica's report) counts."""
+    from types import SimpleNamespace
+
+    from moshivis.serve.router import ImageAffinityRouter
+    router = ImageAffinityRouter.__new__(ImageAffinityRouter)  # its Serve plumbing is not what is tested
+    router.initialize_state(headroom=HEADROOM)
+    cap = 3
+    a, b = (SimpleNamespace(replica_id=name, routing_stats={"streams": 0, "max_streams": cap, "images": []},
+                            max_ongoing_requests=cap + HEADROOM) for name in ("A", "B"))
+    ids = iter(range(100))
+
+    def open_(key: str | None, routed: bool = True):
+        request = f"r{next(ids)}"
+        pending = SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request, session_id=key))
+        ranks = run(router.choose_replicas([a, b], pending))
+        if routed and len(ranks[0]) == 1:
+            router.on_request_routed(pending, ranks[0][0].replica_id, None)
+        return request, [[r.replica_id for r in rank] for rank in ranks]
+
+    # Three opens of one image before any is routed (concurrent handshakes): the reservations alone keep
+    # them together (without them each would be a fresh tie between two empty replicas).
+    _, first = open_("img1", routed=False)
+    x = first[0][0]
+    y = "B" if x == "A" else "A"
+    assert first == [[x], [y]]
+    assert open_("img1", routed=False)[1][0] == [x]
+    done, third = open_("img1", routed=False)
+    assert third[0] == [x] and router.streams[x] == 3
+    assert open_("img1")[1] == [[y], [x]]                              # x full: the image goes elsewhere
+    assert open_(None)[1][0] == [y]                                    # x 3, y 1: the fewest
+    assert open_("img2")[1][0] == [y]
+    ranks = open_("img3")[1]                                           # both full: every replica, one rank
+    assert len(ranks) == 1 and sorted(ranks[0]) == ["A", "B"]
+    router.on_request_completed(x, done)
+    assert open_("img1")[1][0] == [x]                                  # room again where the image is
+    # A replica's report: another proxy's stream holds img9 on A, which has room; B has fewer streams.
+    router = ImageAffinityRouter.__new__(ImageAffinityRouter)
+    router.initialize_state(headroom=HEADROOM)
+    a.routing_stats = {"streams": 2, "max_streams": cap, "images": ["img9"]}
+    b.routing_stats = {"streams": 0, "max_streams": cap, "images": []}
+    assert open_("img9")[1][0] == ["A"] and open_("img8")[1][0] == ["B"]
+    a.routing_stats["streams"] = cap                                   # A reports itself full
+    assert open_("img9")[1][0] == ["B"]
+
+
 # ---- routing, parity, metrics, refusals ------------------------------------------------------------
 def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(cluster, engine, cfg, gen):
     """6 streams (2 images x 2, 2 without) fill both replicas: each image's streams land together even
