@@ -445,6 +445,53 @@ def test_web_page_stats_and_kyutai_path_through_the_proxy(cluster):
     assert first[0] == 0x05 and b"text_temperature" in first and code == 1008, (first, code)
 
 
+def listening(pids: set[int]) -> dict[int, list[str]]:
+    """{pid: ["addr:port", ...]} of the TCP sockets these processes listen on (IPv4 and IPv6)."""
+    addrs = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                host, port = f[1].split(":")
+                loopback = ("0100007F", "0" * 24 + "01000000", "0" * 16 + "FFFF0000" + "0100007F")  # v4, v6, v4 in v6
+                ip = "0.0.0.0" if int(host, 16) == 0 else "127.0.0.1" if host in loopback else host
+                addrs[f[9]] = f"{ip}:{int(port, 16)}"
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            inodes = [os.readlink(fd)[8:-1] for fd in Path(f"/proc/{pid}/fd").iterdir()
+                      if os.readlink(fd).startswith("socket:[")]
+            out[pid] = [addrs[i] for i in inodes if i in addrs]
+    return out
+
+
+def test_ray_listens_on_the_loopback_only_and_runs_no_dashboard(cluster):
+    """`moshivis.cluster`'s Ray instance: node address 127.0.0.1, and every socket its processes listen on
+    is on 127.0.0.1, except at most one port per Serve replica (its inter-deployment gRPC port, which Serve
+    2.60 binds on every interface whatever the node address: README, "Limits"); no dashboard (Ray's API
+    server runs without its web frontend and modules)."""
+    assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+    replicas = {r.get("pid") for d in details["applications"]["moshivis"]["deployments"].values()
+                for r in d["replicas"]}  # the engines' and the metrics collector's
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    ours = with_cmdline(session) | replicas
+    ours = (ours | {c for p in ours for c in descendants(p)}) - {os.getpid()}
+    sockets = listening(ours)
+    assert sum(map(len, sockets.values())) >= 3, sockets  # the probe sees Ray's servers (GCS, raylet, proxy)
+    exposed = {pid: [a for a in addrs if not a.startswith("127.0.0.1:")] for pid, addrs in sockets.items()}
+    exposed = {pid: addrs for pid, addrs in exposed.items() if addrs}
+    print(f"Ray: {sum(map(len, sockets.values()))} listening sockets; beyond 127.0.0.1: {exposed} (replicas {replicas})")
+    assert set(exposed) <= replicas and all(len(a) == 1 for a in exposed.values()), (exposed, replicas)
+    # Ray always runs its API server (dashboard.py); without --dashboard, without the web UI or its modules.
+    for pid in with_cmdline("dashboard/dashboard.py") & ours:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        assert "--disable-frontend" in argv and "--modules-to-load=UsageStatsHead" in argv, argv
+
+
 # ---- faults and scaling ---------------------------------------------------------------------------
 def test_killed_replica_ends_its_streams_others_go_on_and_serve_replaces_it(cluster, engine, cfg, gen):
     T, half = 8, 4
