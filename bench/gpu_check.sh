@@ -5,8 +5,9 @@
 #   run: bash bench/gpu_check.sh      (carry [".whl"] with bitsandbytes' wheel, see ../shared/GPU.md)
 #
 # 1. the machine, the commit; 2. the `gpu`-marked tests natively (no interpreter), in the test files that
-# hold them (the others import serving packages the GPU machine lacks); 3. bench.gpu_suite at the real
-# sizes in what is left of the budget. Each step has its own timeout so a hang cannot eat the rest.
+# hold them (the others import serving packages the GPU machine lacks); 3. bench.codec (batched Mimi against
+# the per-stream loop, 1/8/32 streams, CUDA graphs); 4. bench.gpu_suite at the real sizes in what is left of
+# the budget. Each step has its own timeout so a hang cannot eat the rest.
 set -uo pipefail
 OUT=${OUT:-out/gpu-check}
 mkdir -p "$OUT"
@@ -29,6 +30,10 @@ echo "== gpu tests ($(($(date +%s) - start)) s)"
 timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --junitxml "$OUT/gpu-tests.xml" \
     tests/test_kernels.py tests/test_engine.py tests/test_golden.py tests/test_codec.py
 echo "gpu tests exit $?"
+
+echo "== codec ($(($(date +%s) - start)) s)"  # issue [codec]: batched Mimi vs the per-stream loop, real-size Mimi
+timeout 90 python3 -m bench.codec --streams 1 8 32 --frames 5 --json "$OUT/codec.json"
+echo "codec exit $?"
 
 left=$((450 - ($(date +%s) - start)))
 echo "== gpu_suite ($left s left)"

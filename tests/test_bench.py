@@ -61,7 +61,15 @@ def test_frame_latency_writes_json_labelled_cpu(tmp_path, capsys):
         assert isinstance(r["launches_per_frame"], int) and r["launches_per_frame"] == r["launches"]["total"] > 0
         assert r["launches"]["triton"] == 0 and r["deadline_misses"] in range(4)
         assert r["roofline_ms"] > 0 and set(r["phases_ms"]) == set(frame_latency.PHASES)
+        assert r["kv_dtype"] == "auto" and r["kv_bytes_per_stream"] == StreamState.kv_bytes_per_stream(
+            preset("tiny"), torch.float32)
     assert "CPU figures, not GPU" in capsys.readouterr().out
+    # --kv-dtype reaches the engine it measures: the int8 cache's bytes, as allocated
+    assert frame_latency.main(["--preset", "tiny", "--batch", "2", "--frames", "1", "--warmup", "0",
+                               "--threads", "1", "--kv-dtype", "int8", "--json", str(out)]) == 0
+    (r,) = load(out)["results"]
+    assert r["kv_dtype"] == "int8" and r["kv_bytes_per_stream"] == StreamState.kv_bytes_per_stream(
+        preset("tiny"), torch.float32, "int8") < StreamState.kv_bytes_per_stream(preset("tiny"), torch.float32)
 
 
 @cpu_only

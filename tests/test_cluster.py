@@ -287,6 +287,57 @@ def test_command_line_prints_a_valid_serve_config_and_rejects_bad_options(capsys
         assert err.count("\n") == 1 and err.startswith("error: ") and pattern in err, err
 
 
+# ---- the router's policy alone (no cluster) --------------------------------------------------------
+def test_router_policy_image_affinity_with_room_else_fewest_streams():
+    """`ImageAffinityRouter.choose_replicas` on stand-in replicas (what Serve hands it: id, routing stats,
+    max_ongoing_requests) against the policy by hand: an image's opens go to the replica holding it while it
+    has room, also when they arrive before any is routed; once it is full, to the replica with the fewest
+    streams; no key, the fewest; every replica full, all of them, fewest first; a completed stream frees its
+    place; an image another proxy's streams hold (the replica's report) counts."""
+    from types import SimpleNamespace
+
+    from moshivis.serve.router import ImageAffinityRouter
+    router = ImageAffinityRouter.__new__(ImageAffinityRouter)  # its Serve plumbing is not what is tested
+    router.initialize_state(headroom=HEADROOM)
+    cap = 3
+    a, b = (SimpleNamespace(replica_id=name, routing_stats={"streams": 0, "max_streams": cap, "images": []},
+                            max_ongoing_requests=cap + HEADROOM) for name in ("A", "B"))
+    ids = iter(range(100))
+
+    def open_(key: str | None, routed: bool = True):
+        request = f"r{next(ids)}"
+        pending = SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request, session_id=key))
+        ranks = run(router.choose_replicas([a, b], pending))
+        if routed and len(ranks[0]) == 1:
+            router.on_request_routed(pending, ranks[0][0].replica_id, None)
+        return request, [[r.replica_id for r in rank] for rank in ranks]
+
+    # Three opens of one image before any is routed (concurrent handshakes): the reservations alone keep
+    # them together (without them each would be a fresh tie between two empty replicas).
+    _, first = open_("img1", routed=False)
+    x = first[0][0]
+    y = "B" if x == "A" else "A"
+    assert first == [[x], [y]]
+    assert open_("img1", routed=False)[1][0] == [x]
+    done, third = open_("img1", routed=False)
+    assert third[0] == [x] and router.streams[x] == 3
+    assert open_("img1")[1] == [[y], [x]]                              # x full: the image goes elsewhere
+    assert open_(None)[1][0] == [y]                                    # x 3, y 1: the fewest
+    assert open_("img2")[1][0] == [y]
+    ranks = open_("img3")[1]                                           # both full: every replica, one rank
+    assert len(ranks) == 1 and sorted(ranks[0]) == ["A", "B"]
+    router.on_request_completed(x, done)
+    assert open_("img1")[1][0] == [x]                                  # room again where the image is
+    # A replica's report: another proxy's stream holds img9 on A, which has room; B has fewer streams.
+    router = ImageAffinityRouter.__new__(ImageAffinityRouter)
+    router.initialize_state(headroom=HEADROOM)
+    a.routing_stats = {"streams": 2, "max_streams": cap, "images": ["img9"]}
+    b.routing_stats = {"streams": 0, "max_streams": cap, "images": []}
+    assert open_("img9")[1][0] == ["A"] and open_("img8")[1][0] == ["B"]
+    a.routing_stats["streams"] = cap                                   # A reports itself full
+    assert open_("img9")[1][0] == ["B"]
+
+
 # ---- routing, parity, metrics, refusals ------------------------------------------------------------
 def test_streams_match_one_engine_share_images_spread_and_full_cluster_refuses(cluster, engine, cfg, gen):
     """6 streams (2 images x 2, 2 without) fill both replicas: each image's streams land together even
@@ -392,6 +443,53 @@ def test_web_page_stats_and_kyutai_path_through_the_proxy(cluster):
     assert stats[0].startswith("HTTP/1.1 200") and figures["max_streams"] == MAX_STREAMS
     assert figures["replica"] in cluster.replicas()
     assert first[0] == 0x05 and b"text_temperature" in first and code == 1008, (first, code)
+
+
+def listening(pids: set[int]) -> dict[int, list[str]]:
+    """{pid: ["addr:port", ...]} of the TCP sockets these processes listen on (IPv4 and IPv6)."""
+    addrs = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                host, port = f[1].split(":")
+                loopback = ("0100007F", "0" * 24 + "01000000", "0" * 16 + "FFFF0000" + "0100007F")  # v4, v6, v4 in v6
+                ip = "0.0.0.0" if int(host, 16) == 0 else "127.0.0.1" if host in loopback else host
+                addrs[f[9]] = f"{ip}:{int(port, 16)}"
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            inodes = [os.readlink(fd)[8:-1] for fd in Path(f"/proc/{pid}/fd").iterdir()
+                      if os.readlink(fd).startswith("socket:[")]
+            out[pid] = [addrs[i] for i in inodes if i in addrs]
+    return out
+
+
+def test_ray_listens_on_the_loopback_only_and_runs_no_dashboard(cluster):
+    """`moshivis.cluster`'s Ray instance: node address 127.0.0.1, and every socket its processes listen on
+    is on 127.0.0.1, except at most one port per Serve replica (its inter-deployment gRPC port, which Serve
+    2.60 binds on every interface whatever the node address: README, "Limits"); no dashboard (Ray's API
+    server runs without its web frontend and modules)."""
+    assert [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]] == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+    replicas = {r.get("pid") for d in details["applications"]["moshivis"]["deployments"].values()
+                for r in d["replicas"]}  # the engines' and the metrics collector's
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    ours = with_cmdline(session) | replicas
+    ours = (ours | {c for p in ours for c in descendants(p)}) - {os.getpid()}
+    sockets = listening(ours)
+    assert sum(map(len, sockets.values())) >= 3, sockets  # the probe sees Ray's servers (GCS, raylet, proxy)
+    exposed = {pid: [a for a in addrs if not a.startswith("127.0.0.1:")] for pid, addrs in sockets.items()}
+    exposed = {pid: addrs for pid, addrs in exposed.items() if addrs}
+    print(f"Ray: {sum(map(len, sockets.values()))} listening sockets; beyond 127.0.0.1: {exposed} (replicas {replicas})")
+    assert set(exposed) <= replicas and all(len(a) == 1 for a in exposed.values()), (exposed, replicas)
+    # Ray always runs its API server (dashboard.py); without --dashboard, without the web UI or its modules.
+    for pid in with_cmdline("dashboard/dashboard.py") & ours:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        assert "--disable-frontend" in argv and "--modules-to-load=UsageStatsHead" in argv, argv
 
 
 # ---- faults and scaling ---------------------------------------------------------------------------

@@ -132,6 +132,26 @@ def test_resampled_question_gives_an_answer_as_long_as_it(bundle, capsys, tmp_pa
     assert rate == SR and answer.shape[0] == 12000 and err == ""
 
 
+def test_kv_dtype_option_gives_the_engine_an_int8_cache(bundle, capsys, tmp_path, monkeypatch):
+    """`--kv-dtype int8` reaches the engine the command builds (its cache tensors are int8, with scales)."""
+    import moshivis.chat as chat_module
+    built = []
+
+    class Recorded(Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(chat_module, "Engine", Recorded)
+    gen = torch.Generator().manual_seed(3)
+    write_wav(tmp_path / "q.wav", tone(0.2, SR, gen), SR)
+    rc, _, err = chat(bundle, capsys, "--kv-dtype", "int8", "--quiet",
+                      **{"--audio": str(tmp_path / "q.wav"), "--out": str(tmp_path / "a.wav")})
+    assert rc == 0, err
+    (engine,) = built
+    assert engine.kv_dtype == "int8" and engine.state.kv.dtype == torch.int8 and engine.state.kv_scale is not None
+
+
 # ---- Mimi ------------------------------------------------------------------------------------------
 def test_streamed_codec_equals_mimi_encode_and_decode(bundle, tmp_path):
     """WAV -> codes -> audio, frame by frame (padding and KV caches, overlap-add of the transposed

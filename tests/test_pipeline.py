@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moshivis import Engine
-from moshivis.client import Client
-from test_serve import HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, run, serving  # noqa: F401
+from moshivis.client import Client, converse_pcm
+from test_serve import (HOST, SEED_A, assert_same_as_chat, chat_answer, chat_files, metrics_text,  # noqa: F401
+                        parse_metrics, run, serving)
 
 # Measures delays and memory in real time: under `make test`'s two xdist workers these tests run in one of
 # them, one after the other (the other worker runs the rest of the suite beside them).
@@ -91,3 +92,43 @@ def test_running_streams_keep_their_schedule_while_a_slow_image_is_encoded(chat_
         assert_same_as_chat(r, *chat_answer(f, f["question"], SEED_A + i, image=False), cfg.max_delay)
     for i, r in enumerate(late):
         assert_same_as_chat(r, *chat_answer(f, f["question"], SEED_A + 8 + i, image=True), cfg.max_delay)
+
+
+def test_a_frames_decode_overlaps_the_next_step_and_every_stage_is_in_the_metrics(chat_files):
+    """One speech stream with a PNG, its frames sent 4 ahead (lockstep), the Mimi decoder made slow
+    (0.2 s a call): the engine steps frame t+1 while frame t is decoded on the output thread (a step starts
+    inside a decode), the answer still equals `chat.converse` alone, and /metrics holds a latency histogram
+    per stage (image, encode, step, decode) counting what ran: the image once, every frame's encode, step
+    and decode, the decode's sum at least its sleeps."""
+    f, cfg = chat_files, chat_files["cfg"]
+    spans = {"decode": [], "step": []}
+
+    def timed(name, fn, pause=0.0):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            time.sleep(pause)
+            result = fn(*args, **kwargs)
+            spans[name].append((t0, time.perf_counter()))
+            return result
+        return call
+
+    async def scenario():
+        async with serving(Engine(cfg, f["weights"], max_streams=2), media=f["media"]) as server:
+            speech = server.scheduler.speech
+            speech.decode = timed("decode", speech.decode, pause=0.2)
+            server.engine.step = timed("step", server.engine.step)
+            got = await converse_pcm(HOST, server.port, f["question"], image_file=f["png"], seed=SEED_A, ahead=4)
+            return got, await metrics_text(server.port)
+
+    got, text = run(scenario())
+    assert_same_as_chat(got, *chat_answer(f, f["question"], SEED_A, image=True), cfg.max_delay)
+    frames = got["tokens"].shape[1]
+    talking = frames - cfg.max_delay
+    assert len(spans["step"]) == frames and len(spans["decode"]) == talking
+    overlapped = [s0 for s0, _ in spans["step"] if any(d0 < s0 < d1 for d0, d1 in spans["decode"])]
+    print(f"{len(overlapped)} of {frames} steps began during a decode")
+    assert len(overlapped) >= talking // 2, f"{len(overlapped)} of {frames} steps ran beside a decode"
+    _, samples = parse_metrics(text)
+    count = {s: samples[f'moshivis_stage_seconds_count{{stage="{s}"}}'] for s in ("image", "encode", "step", "decode")}
+    assert count == {"image": 1, "encode": frames, "step": frames, "decode": frames}, count
+    assert samples['moshivis_stage_seconds_sum{stage="decode"}'] >= 0.2 * talking
