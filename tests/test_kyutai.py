@@ -318,6 +318,7 @@ def test_query_parameters_map_onto_the_stream():
     assert req.seed == seed_of(12, 34) and req.xa_start == 16 and max_steps == 100 and req.audio == "pcm"
     assert req.image_options == {"resolution": 500, "center_crop": True}
     assert parse_query({})[0].seed != parse_query({})[0].seed  # random without seeds
+    assert parse_query({})[0].xa_start == 16 and parse_query({"xa_start": "0"})[0].xa_start == 0  # the web client's
 
 
 @pytest.mark.parametrize("name, value", [

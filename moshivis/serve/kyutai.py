@@ -34,8 +34,8 @@ Query parameters (those Kyutai's web clients send), each range-checked (a bad va
   image_resolution (pixels): the square side the image is resized to, rounded to the patch and clamped
       to [10 x patch, the encoder's own size] as Kyutai's Rust server does; center_crop (true/false):
       the central square is cut out first
-  xa_start (frames >= 0): the stream looks at its image only from that frame on; absent: 0, as in
-      Kyutai's servers (their MoshiVis web client, and our page, send 16)
+  xa_start (frames >= 0): the stream looks at its image only from that frame on; absent: 16, what
+      Kyutai's MoshiVis web client always sends (their servers fall back to 0; send xa_start=0 for that)
   max_steps (frames >= 1): the session ends after that many frames (Kyutai's Rust server: 4500 cap)
   pad_mult (range-checked), text_temperature_gating_influence, worker_auth_id, email and unknown
       names: ignored, as Kyutai's MoshiVis PyTorch server ignores them (its web client sends pad_mult 0
@@ -68,6 +68,7 @@ MAX_OGG_HEADER = 27 + 255
 MAX_TOPK = 1 << 31  # a top-k at or above the vocabulary keeps every token (as Kyutai's samplers do)
 IGNORED = ("text_temperature_gating_influence", "worker_auth_id", "email")
 NO_IMAGE_AFTER_S = 1.0  # a client silent this long, its query not asking for an image: opened without one
+DEFAULT_XA_START = 16  # frames: Kyutai's MoshiVis web client's value, which it always sends
 IMAGE_QUERY = ("xa_start", "image_resolution", "center_crop")  # what MoshiVis' web client sends with a picture
 
 
@@ -113,7 +114,7 @@ def parse_query(query: dict[str, str]) -> tuple[OpenRequest, int | None]:
         if crop.lower() not in ("true", "false", "1", "0"):
             raise P.ProtocolError("bad_query", f"query parameter center_crop={crop!r} is not true or false")
         options["center_crop"] = crop.lower() in ("true", "1")
-    xa_start = _number(query, "xa_start", int, 0, P.MAX_XA_START, 0)
+    xa_start = _number(query, "xa_start", int, 0, P.MAX_XA_START, DEFAULT_XA_START)
     max_steps = _number(query, "max_steps", int, 1, 1 << 30, None)
     try:
         params = SamplingParams(**sampling)
