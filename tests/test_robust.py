@@ -317,3 +317,60 @@ def test_memory_stays_bounded_under_a_flood_of_large_messages():
     print(f"server RSS: {base:.0f} MB idle, {peak[0]:.0f} MB at the peak, {after:.0f} MB after the flood")
     assert peak[0] - base < 300, f"RSS {base:.0f} MB idle, {peak[0]:.0f} MB at the peak"
     assert after - base < 100, f"RSS {base:.0f} MB idle, {after:.0f} MB after the flood"
+
+
+def test_a_client_that_stops_reading_is_dropped_and_counted(cfg, weights):
+    """A client that keeps sending but reads nothing (its socket's receive buffer 4 KiB, its websockets
+    queue 1 message): once `max_outbox` replies wait for it, the server drops it, counts it (slow_client)
+    and frees its slot; a client beside it is answered throughout, and a new one can take the slot."""
+    import socket
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+    engine = Engine(cfg, weights, max_streams=2)
+
+    async def deaf(port: int) -> float:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+        sock.connect((HOST, port))
+        ws = await connect(f"ws://{HOST}:{port}/", sock=sock, max_queue=1, compression=None)
+        t0 = time.monotonic()
+        try:
+            await ws.send(P.open_message(seed=1))
+            for i in range(100_000):  # every input is answered (a frame or queue_full): the replies pile up
+                await asyncio.wait_for(ws.send(P.audio_message(torch.full((cfg.num_audio_in,), 5), ref=i)), 5)
+                await asyncio.sleep(0.001)
+                if time.monotonic() - t0 > 30:
+                    raise AssertionError("a client that reads nothing was not dropped within 30 s")
+        except (ConnectionClosed, OSError, asyncio.TimeoutError):
+            return time.monotonic() - t0
+        finally:
+            ws.transport.abort()
+
+    async def attentive(port: int, frames: int) -> list[int]:
+        async with await Client.connect(HOST, port) as c:
+            await c.open(seed=2)
+            got = []
+            for i in range(frames):
+                await c.audio(torch.full((cfg.num_audio_in,), i % cfg.audio_card), ref=i)
+                msg = await asyncio.wait_for(c.recv(), 10)
+                assert msg is not None and msg.type == "frame", msg
+                got.append(msg.header["ref"])
+                await asyncio.sleep(0.01)
+            return got
+
+    async def scenario():
+        async with serving(engine, mode="realtime", tick_ms=20.0, max_outbox=16) as server:
+            dropped_after, answered = await asyncio.gather(deaf(server.port), attentive(server.port, 60))
+            deadline = time.monotonic() + 5
+            while len(engine.streams) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            left = len(engine.streams)
+            async with await Client.connect(HOST, server.port) as c:  # the slot is free again
+                await c.open(seed=3)
+            return dropped_after, answered, left, parse_metrics(await metrics_text(server.port))[1]
+
+    dropped_after, answered, left, samples = run(scenario(), timeout=60)
+    print(f"a client reading nothing dropped after {dropped_after:.1f} s")
+    assert answered == list(range(60)) and left == 0
+    assert samples['moshivis_closes_total{reason="slow_client"}'] == 1

@@ -77,9 +77,6 @@ class WsConnection(Connection):
     def abort(self) -> None:
         self.ws.transport.abort()
 
-    def limit_messages(self, max_bytes: int) -> None:
-        self.ws.protocol.max_message_size = max_bytes
-
 
 class UploadBudget:
     """At most `slots` connections may hold more than SMALL_MESSAGE received bytes at once (a partial

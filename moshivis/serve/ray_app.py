@@ -133,9 +133,6 @@ class StarletteConnection(Connection):
         """Serve's proxy owns the socket: the closest thing to dropping it is a close without waiting."""
         asyncio.ensure_future(self.close(1011, "dropped"))
 
-    def limit_messages(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-
 
 # ---- metrics across replicas (`@serve.ingress` pickles the class at once: what it calls comes first) ----
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)")

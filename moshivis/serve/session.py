@@ -35,9 +35,6 @@ class Connection:
         """Drop the connection at once (a client that reads nothing cannot take part in a close)."""
         raise NotImplementedError
 
-    def limit_messages(self, max_bytes: int) -> None:
-        """The largest message this client may send from now on (larger ones close the connection)."""
-
 
 class Session:
     """A client: its outbox (bounded: a client that leaves `max_outbox` replies unread is dropped),
