@@ -447,6 +447,7 @@ class Scheduler:
                 self.metrics.late_inputs += len(live) - len(batch)
                 if batch:
                     await self._frame(batch, due, catchup=False)
+                del live, batch  # not held while the loop waits: a stream that closes meanwhile is freed at once
                 if c.mode == "lockstep":
                     next_tick = loop.time() + tick
                     continue
