@@ -19,7 +19,7 @@ HOST_TORCH ?= $(eval HOST_TORCH := $(shell $(PYTHON) -c 'import torch; assert to
 	>/dev/null 2>&1 && echo 1))$(HOST_TORCH)
 HOST_PINS = $(PY) -c 'import torch, triton; print(f"torch=={torch.__version__}\ntriton=={triton.__version__}")'
 
-.PHONY: setup setup-cluster bench test test-web test-latest test-cluster audit suite-cpu bench-host clean
+.PHONY: setup setup-cluster bench test test-web test-latest test-cluster mutants audit suite-cpu bench-host clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: $(STAMP)
 
 test: $(STAMP) test-web
 	$(PY) -m pytest tests -q $(PYTEST_XDIST)
+
+# Planted bugs, each applied, tested and undone (tests/mutants.py); about 25 minutes on 2 cores. Not in CI:
+# run it after changing what a mutant plants into, and before calling the suite done.
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 test-cluster: $(CLUSTER_STAMP)
 	$(PY) -m pytest tests/test_cluster.py -q
