@@ -118,7 +118,7 @@ MUTANTS = [
 
 def first_failure(out: str) -> str:
     for line in out.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
+        if line.startswith(("FAILED tests/", "ERROR tests/")):  # pytest's summary, not captured log lines
             return line.split(" - ")[0].split(" ", 1)[1]
     return ""
 

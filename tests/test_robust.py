@@ -90,6 +90,9 @@ def test_delay_returns_after_a_client_stall_and_others_are_not_delayed(cfg, weig
     b_before, b_during = statistics.median(window(b, 0.4, stall_t)), window(b, stall_t, back_t + 2.0)
     assert max(b_during) <= b_before + 2 * TICK_MS / 1e3, (b_before, b_during)
     assert samples["moshivis_catchup_stream_frames_total"] >= int(stall_s * 1e3 / TICK_MS) - 2
+    # each catch-up frame holds the stalled stream, at most both: frames and stream-frames both counted
+    catchup = samples["moshivis_catchup_frames_total"]
+    assert 0 < catchup <= samples["moshivis_catchup_stream_frames_total"] <= 2 * catchup
     assert samples["moshivis_dropped_inputs_total"] == 0
     assert samples["moshivis_stream_frames_total"] == 2 * frames  # nothing invented, nothing lost
 
@@ -179,31 +182,47 @@ def test_a_stream_with_queued_input_is_not_timed_out(cfg, weights):
 
 
 def test_inputs_beyond_the_queue_bound_are_refused_and_counted(cfg, weights):
-    """60 inputs at once: each is answered, by its frame or by a queue_full error, and the refused ones are
-    the metrics' dropped inputs (nothing lost silently)."""
+    """60 inputs at once while the engine is held inside the frame of input 0: exactly max_queued_frames (5)
+    of them are queued, the other 54 are each answered queue_full and counted as dropped; once the engine
+    goes on, the queued ones are answered by frames, in order (nothing lost silently)."""
     engine = Engine(cfg, weights, max_streams=1)
+    step, entered, release = engine.step, threading.Event(), threading.Event()
+
+    def held_step(*args, **kwargs):
+        entered.set()
+        assert release.wait(20), "the test never released the engine"
+        return step(*args, **kwargs)
+
+    engine.step = held_step
 
     async def scenario():
         async with serving(engine, mode="realtime", tick_ms=TICK_MS, max_queued_frames=5) as server:
             async with await Client.connect(HOST, server.port) as c:
                 await c.open(seed=1)
-                for i in range(60):
+                await c.audio(torch.full((cfg.num_audio_in,), 0), ref=0)
+                assert await asyncio.to_thread(entered.wait, 10)  # input 0 is in the engine: the queue is empty
+                for i in range(1, 60):
                     await c.audio(torch.full((cfg.num_audio_in,), i % cfg.audio_card), ref=i)
-                frames, refused = [], []
-                while len(frames) + len(refused) < 60:
+                refused = []
+                while len(refused) < 54:
                     msg = await asyncio.wait_for(c.recv(), 10)
-                    if msg.type == "frame":
-                        frames.append(msg.header["ref"])
-                    else:
-                        assert msg.header["code"] == "queue_full", msg.header
-                        refused.append(msg.header["ref"])
+                    assert msg.type == "error" and msg.header["code"] == "queue_full", msg.header
+                    refused.append(msg.header["ref"])
+                release.set()
+                frames = []
+                while len(frames) < 6:
+                    msg = await asyncio.wait_for(c.recv(), 10)
+                    assert msg.type == "frame", msg.header
+                    frames.append(msg.header["ref"])
             return frames, refused, parse_metrics(await metrics_text(server.port))[1]
 
-    frames, refused, samples = run(scenario())
-    assert sorted(frames + refused) == list(range(60)) and frames == sorted(frames)
-    assert len(frames) >= 5  # at least the bound got in
-    assert samples["moshivis_dropped_inputs_total"] == len(refused) > 0
-    assert samples["moshivis_stream_frames_total"] == len(frames)
+    try:
+        frames, refused, samples = run(scenario())
+    finally:
+        release.set()
+    assert frames == list(range(6)) and refused == list(range(6, 60))
+    assert samples["moshivis_dropped_inputs_total"] == 54
+    assert samples["moshivis_stream_frames_total"] == 6
 
 
 def test_images_are_rate_limited_per_stream(cfg, weights):
