@@ -998,3 +998,49 @@ def test_server_and_client_command_lines_with_wav_and_png(chat_files, tmp_path):
     # (tests/test_codec.py), enough to move a few samples across a rounding boundary.
     torch.testing.assert_close(got, torch.round(answer.pcm.clamp(-1, 1) * 32767) / 32768, atol=1 / 32767 + 1e-6,
                                rtol=0)
+
+
+def test_image_worker_encodes_images_pending_together_in_one_batch():
+    """The image worker, its encoder held inside the first image: three more images of one kind and one
+    with other options arrive meanwhile. Then: one encoder call for the three (a batch), one for the other,
+    and each request gets the features of its own file (the stand-in encoder returns each image's mean
+    pixel value, so a mix-up would show)."""
+    import io
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from moshivis.serve.media import ImageWorker
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    class Encoder:
+        model = torch.nn.Linear(1, 1)
+
+        def encode_batch(self, images, resolution=None, center_crop=False):
+            calls.append((len(images), resolution))
+            entered.set()
+            assert release.wait(10)
+            return torch.tensor([[float(np.asarray(im, dtype=np.float64).mean())] for im in images])
+
+    def png(value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (5, 3), (value, value, value)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    async def scenario():
+        worker = ImageWorker(Encoder(), max_pending=8, max_pending_bytes=1 << 20)
+        first = asyncio.ensure_future(worker.encode(png(10)))
+        assert await asyncio.to_thread(entered.wait, 10)
+        rest = [asyncio.ensure_future(worker.encode(png(v))) for v in (20, 30, 40)]
+        other = asyncio.ensure_future(worker.encode(png(50), resolution=224))
+        await asyncio.sleep(0.05)
+        release.set()
+        return [await f for f in (first, *rest, other)]
+
+    try:
+        features = run(scenario(), timeout=20)
+    finally:
+        release.set()
+    assert calls == [(1, None), (3, None), (1, 224)]
+    assert [float(f[0]) for f in features] == [10.0, 20.0, 30.0, 40.0, 50.0]
