@@ -45,10 +45,11 @@ class TorchBackend:
         inputs = frame_input_tokens_reference(self.state.tokens, rows, positions, fb.user, self.delays, self.initial)
         with phase("temporal"):
             x = self.embed(inputs)
+            image = self.image_rows(fb.image_slots)  # the same for every layer (ONE shared projection)
             for i in range(self.cfg.num_layers):
                 x = self.self_attention(i, x, rows, positions)
                 with phase("cross_attention"):
-                    x = self.cross_attention(i, x, fb.image_slots, fb.gate_mean[i])
+                    x = self.cross_attention(i, x, image, fb.gate_mean[i])
                 x = self.ffn(i, x)
             h, text_logits = self.text_head(x)
         with phase("sampling"):
@@ -72,11 +73,15 @@ class TorchBackend:
         kv, kv_scale = self.state.layer_kv(i)
         return R.self_attention(self.w, self.cfg, i, x, kv, rows, positions, kv_scale)
 
-    def cross_attention(self, i, x, image_slots, gate_mean):
+    def image_rows(self, image_slots):
+        """Each row's image for the frame: (K/V [B, N, 2, H, D], of which its first num_tokens [B] rows
+        count; has_image [B])."""
         slots = image_slots.clamp(min=0)
-        kv_rows = self.pool.kv[slots]  # [B, N, 2, H, D]: each row's image K/V (its first num_tokens rows)
-        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, image_slots >= 0, gate_mean,
-                                 self.pool.num_tokens[slots])
+        return self.pool.kv[slots], self.pool.num_tokens[slots], image_slots >= 0
+
+    def cross_attention(self, i, x, image, gate_mean):
+        kv_rows, num_tokens, has_image = image
+        return R.cross_attention(self.w, self.cfg, i, x, kv_rows, has_image, gate_mean, num_tokens)
 
     def ffn(self, i, x):
         return R.ffn(self.w, i, x)
