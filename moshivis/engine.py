@@ -87,6 +87,11 @@ class _Stream:
     xa_start: int = 0  # the first frame that attends to the image
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 class Engine:
     """Streams API over one model: `open_stream`, `set_image`, `close_stream`, `step`, and per frame
     `gate_means` / `text_colors` (what the streams' last frame looked at its images).
@@ -102,21 +107,24 @@ class Engine:
 
     def __init__(self, cfg: MoshiVisConfig, weights: dict, max_streams: int = 1, backend: str = "torch",
                  max_images: int | None = None, max_image_tokens: int | None = None, kv_dtype: str = "auto"):
-        for name, value in (("max_streams", max_streams), ("max_image_tokens", max_image_tokens)):
-            if (value is not None or name == "max_streams") and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive("max_streams", max_streams)
+        if max_image_tokens is not None:
+            _check_positive("max_image_tokens", max_image_tokens)
         ref = weights["llm.text_emb.weight"]
         self.cfg, self.weights, self.max_streams = cfg, weights, max_streams
         self.dtype, self.device = ref.dtype, ref.device
         self.state = StreamState(cfg, max_streams, self.dtype, self.device, kv_dtype)
-        self.kv_dtype = kv_dtype
         self.pool = ImagePool(cfg, weights, max_images or max_streams, self.dtype, self.device, max_image_tokens)
         self.backend = get_backend(backend)(cfg, weights, self.state, self.pool)
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
         self.last_frame_launches: dict[str, int] = {}
         self._last_frame: tuple | None = None  # (frame buffers, stream id -> row) of the last step
+
+    @property
+    def kv_dtype(self) -> str:
+        """The self-attention cache's format ("auto" or "int8"), as the stream state holds it."""
+        return self.state.kv_dtype
 
     # ---- streams ---------------------------------------------------------------------------------
     @property
