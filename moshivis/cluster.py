@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = serve_config(args)
     except ValueError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(config, sort_keys=False), end="")
@@ -156,11 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         address = start(args)
         deploy(config, args.ready_timeout_s)
     except (ValueError, RuntimeError, TimeoutError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        return 2
+        return cli.fail(e)
     stop = []  # handlers installed after ray.init, which installs its own
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop.append(s))

@@ -196,10 +196,11 @@ class KyutaiSession(Session):
                 if len(payload) > MAX_AUDIO_MESSAGE:
                     raise P.ProtocolError("too_large", f"audio message of {len(payload)} bytes is over the limit of "
                                                        f"{MAX_AUDIO_MESSAGE}")
-                self._ogg.feed(payload)  # checked before anything is opened or decoded
+                data = bytes(payload)
+                self._ogg.feed(data)  # checked before anything is opened or decoded
                 if self.stream is None:
                     self._open(None)
-                self._audio(bytes(payload))
+                self._audio(data)
             elif kind == IMAGE:
                 if not payload:
                     raise P.ProtocolError("bad_image", "image message without the image file's bytes")

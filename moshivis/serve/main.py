@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", action="store_true", help="a tiny random model with Mimi, SigLIP and a tokenizer made "
                                                         "on the fly (ignores --config/--checkpoint/--mimi/...)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    ap.add_argument("--port", type=cli.non_negative_int, default=8998, help="0: any free port")
+    ap.add_argument("--port", type=cli.port_number, default=8998, help="0: any free port")
     ap.add_argument("--ssl-cert", help="PEM certificate: serve https/wss (browsers need it for the microphone "
                                        "anywhere but localhost)")
     ap.add_argument("--ssl-key", help="PEM private key of --ssl-cert")

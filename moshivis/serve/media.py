@@ -162,7 +162,7 @@ class ImageWorker:
 def _resolve(loop, future: asyncio.Future, result=None, error: Exception | None = None) -> None:
     """Hands (features, None) or (None, (code, message)) to the waiting coroutine."""
     if error is not None and not isinstance(error, P.ProtocolError):
-        log.error("image encoding failed: %s", error)
+        log.error("image encoding failed: %s", error, exc_info=error)  # formatted now, not kept
     value = (result, None) if error is None else (None, (getattr(error, "code", "bad_image"), str(error)))
 
     def done():

@@ -500,9 +500,6 @@ class Scheduler:
                 self._end(s, "internal", f"frame {tick} failed: {e}")
             return
         done = loop.time()
-        for s in batch:
-            if not s.inbox:  # its queue ran dry: the input timeout counts from now
-                s.last_input = max(s.last_input, done)
         self._recent_steps.append(step_s + encode_s)  # their median predicts whether a catch-up frame fits
         seconds = done - due
         self.metrics.observe_frame(seconds, len(batch), catchup, seconds * 1e3 > self.config.budget_ms)
@@ -516,6 +513,8 @@ class Scheduler:
                                  frame_ms=round(seconds * 1e3, 3), step_ms=round(step_s * 1e3, 3),
                                  warm=int(tokens[0]) == UNGENERATED, colour=colours[i], arrived=arrived))
             s.frames += 1
+            if not s.inbox:  # its queue ran dry: the input timeout counts from now
+                s.last_input = done
         future = loop.run_in_executor(self._output_ex, self._finish, batch, outs, slots)
         self._outputs.add(future)
         future.add_done_callback(lambda f: self._deliver(f, batch))
